@@ -1,0 +1,53 @@
+# Stage 2: binarization (ink masks, stats, quality against ground truth), one job per shard of the index.
+import pyarrow.parquet as pq
+
+from writer_retrieval.binarize import n_shards
+
+
+def binarize_shard_tables(wc):
+    index = checkpoints.dataset.get(dataset=wc.dataset).output.index
+    count = n_shards(pq.ParquetFile(index).metadata.num_rows, config["shard_size"])
+    return [f"{RESULTS}/{wc.dataset}/binarize/{wc.variant}/shards/{i:04d}.parquet" for i in range(count)]
+
+
+rule binarize_shard:
+    input:
+        index=f"{RESULTS}/{{dataset}}/index.parquet",
+    output:
+        f"{RESULTS}/{{dataset}}/binarize/{{variant}}/shards/{{shard}}.parquet",
+    params:
+        settings=lambda wc: BINARIZE[wc.dataset][wc.variant],
+        shard_size=config["shard_size"],
+        masks_dir=lambda wc: f"{RESULTS}/{wc.dataset}/binarize/{wc.variant}/masks",
+    log:
+        f"{RESULTS}/{{dataset}}/logs/binarize/{{variant}}/{{shard}}.log",
+    script:
+        "../scripts/binarize.py"
+
+
+rule binarize:
+    input:
+        binarize_shard_tables,
+    output:
+        stats=f"{RESULTS}/{{dataset}}/binarize/{{variant}}/stats.parquet",
+        quality=f"{RESULTS}/{{dataset}}/binarize/{{variant}}/quality.parquet",
+        settings=f"{RESULTS}/{{dataset}}/binarize/{{variant}}/settings.json",
+    params:
+        settings=lambda wc: BINARIZE[wc.dataset][wc.variant],
+    log:
+        f"{RESULTS}/{{dataset}}/logs/binarize/{{variant}}/merge.log",
+    script:
+        "../scripts/binarize.py"
+
+
+rule binarize_quality_summary:
+    input:
+        lambda wc: [f"{RESULTS}/{wc.dataset}/binarize/{v}/quality.parquet" for v in BINARIZE[wc.dataset]],
+    output:
+        f"{RESULTS}/{{dataset}}/binarize/quality_summary.parquet",
+    params:
+        variants=lambda wc: list(BINARIZE[wc.dataset]),
+    log:
+        f"{RESULTS}/{{dataset}}/logs/binarize/quality_summary.log",
+    script:
+        "../scripts/binarize.py"

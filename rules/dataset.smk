@@ -1,0 +1,16 @@
+# Stage 1: dataset index (adapters; the synthetic generator writes its pages under generated/).
+
+
+checkpoint dataset:
+    output:
+        index=f"{RESULTS}/{{dataset}}/index.parquet",
+        rejected=f"{RESULTS}/{{dataset}}/rejected.parquet",
+        generated=directory(f"{RESULTS}/{{dataset}}/generated"),
+    params:
+        settings=lambda wc: config["datasets"][wc.dataset],
+        on_bad_input=config["on_bad_input"],
+    threads: 8
+    log:
+        f"{RESULTS}/{{dataset}}/logs/dataset.log",
+    script:
+        "../scripts/dataset.py"

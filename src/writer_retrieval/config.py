@@ -1,0 +1,163 @@
+"""Configuration: JSON-schema validation with readable errors, defaults, and settings hashes."""
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from importlib import resources
+from typing import Any
+
+import jsonschema
+import yaml
+
+from .errors import InputError
+
+
+class ConfigError(InputError):
+    """A configuration problem, with a message that names the key and what is allowed."""
+
+
+def load_schema() -> dict:
+    schema = yaml.safe_load(resources.files("writer_retrieval").joinpath("config.schema.yaml").read_text())
+    defs = schema.get("$defs", {})
+
+    def copy_ref_defaults(node):
+        # A property given as {$ref: ...} takes the default of the definition it points to.
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            target = defs.get(ref.rsplit("/", 1)[-1]) if ref.startswith("#/$defs/") else None
+            if isinstance(target, dict) and "default" in target and "default" not in node:
+                node["default"] = copy.deepcopy(target["default"])
+            for value in node.values():
+                copy_ref_defaults(value)
+        elif isinstance(node, list):
+            for value in node:
+                copy_ref_defaults(value)
+
+    copy_ref_defaults(schema)
+    return schema
+
+
+def _with_defaults(validator_class):
+    """Extend a validator so that validating also fills in the schema's defaults."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if isinstance(sub, dict) and "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_DefaultFillingValidator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def _key(path) -> str:
+    parts = [f"[{p}]" if isinstance(p, int) else str(p) for p in path]
+    return ".".join(parts).replace(".[", "[") or "(top level)"
+
+
+def _describe(error: jsonschema.ValidationError, schema: dict) -> str:
+    key = _key(error.absolute_path)
+    kind = error.validator
+    if kind == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = sorted((error.schema.get("properties") or {}).keys())
+        unknown = [k for k in error.instance if k not in allowed]
+        lines = []
+        for k in unknown:
+            full = f"{key}.{k}" if error.absolute_path else k
+            hint = difflib.get_close_matches(k, allowed, n=1)
+            lines.append(f"unknown key '{full}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+        where = f"'{key}'" if error.absolute_path else "the top level"
+        return "; ".join(lines) + f". Allowed keys in {where}: {', '.join(allowed)}"
+    if kind == "enum":
+        return f"'{key}' = {error.instance!r} is not allowed; allowed: {', '.join(map(str, error.validator_value))}"
+    if kind == "const":
+        return f"'{key}' must be {error.validator_value!r}"
+    if kind == "required":
+        missing = [k for k in error.validator_value if k not in error.instance]
+        return f"'{key}' is missing the required key(s): {', '.join(missing)}"
+    if kind == "type":
+        return f"'{key}' = {error.instance!r} must be of type {error.validator_value}"
+    if kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        word = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}[kind]
+        return f"'{key}' = {error.instance!r} must be {word} {error.validator_value}"
+    if kind == "oneOf" and isinstance(error.instance, dict):
+        options = [" + ".join(s.get("required", [])) for s in error.validator_value]
+        return f"'{key}' needs exactly one of: {', '.join(repr(o) for o in options)}"
+    if kind == "propertyNames":
+        return f"'{key}': name {error.instance!r} is not allowed (letters, digits, _ . - only)"
+    if kind in ("minItems", "minProperties"):
+        return f"'{key}' must not be empty"
+    return f"'{key}': {error.message}"
+
+
+def validate_config(config: dict, schema: dict | None = None) -> dict:
+    """Validate `config` against the schema and return a copy with defaults filled in.
+
+    Raises ConfigError listing every problem (key and what is allowed).
+    """
+    schema = schema or load_schema()
+    filled = copy.deepcopy(dict(config))
+    validator = _DefaultFillingValidator(schema)
+    errors = sorted(validator.iter_errors(filled), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
+    # An if/then branch failing reports both the branch error and nothing useful at the top: keep leaves.
+    messages = []
+    for err in errors:
+        msg = _describe(err, schema)
+        if msg not in messages:
+            messages.append(msg)
+    if not messages:
+        names = set(filled["datasets"])
+        for i, exp in enumerate(filled["experiments"]):
+            if exp["dataset"] not in names:
+                messages.append(f"'experiments[{i}].dataset' = {exp['dataset']!r} is not a key of 'datasets'; "
+                                f"allowed: {', '.join(sorted(names))}")
+        for name, ds in filled["datasets"].items():
+            if ds["adapter"] == "synthetic" and ds["train_writers"] >= ds["writers"]:
+                messages.append(f"'datasets.{name}.train_writers' = {ds['train_writers']} must be smaller than "
+                                f"'datasets.{name}.writers' = {ds['writers']} (the test split needs writers)")
+        pre = filled["preprocess"]
+        if pre["window"] % 2 == 0:
+            messages.append(f"'preprocess.window' = {pre['window']} must be odd")
+    if messages:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(messages))
+    return filled
+
+
+def settings_hash(*parts: Any) -> str:
+    """Short stable hash of JSON-serialisable settings (key order does not matter)."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def binarize_settings(preprocess: dict, method: str) -> dict:
+    """The effective settings of one binarizer: only the keys that change its output."""
+    if method == "otsu":
+        return {"method": "otsu"}
+    if method == "sauvola":
+        return {"method": "sauvola", "window": preprocess["window"], "k": preprocess["k"]}
+    raise ConfigError(f"unknown binarization method {method!r}; allowed: otsu, sauvola")
+
+
+def dataset_hash(config: dict, dataset: str) -> str:
+    return settings_hash("dataset", config["datasets"][dataset])
+
+
+def binarize_variants(config: dict, dataset: str) -> dict[str, dict]:
+    """Binarization variants of a dataset: folder name '<method>-<hash>' -> effective settings.
+
+    The first entry is the pipeline's method (preprocess.method), then the 'compare' methods.
+    The hash covers the binarizer's own settings and the dataset's, so variants live side by side.
+    """
+    pre = config["preprocess"]
+    variants = {}
+    for method in [pre["method"], *[m for m in pre["compare"] if m != pre["method"]]]:
+        settings = binarize_settings(pre, method)
+        settings["dataset_hash"] = dataset_hash(config, dataset)
+        variants[f"{method}-{settings_hash('binarize', settings)}"] = settings
+    return variants
