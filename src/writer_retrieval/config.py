@@ -126,7 +126,17 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
             messages.append(f"'preprocess.window' = {pre['window']} must be odd")
     if messages:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(messages))
-    return filled
+    return _key_sorted(filled)
+
+
+def _key_sorted(obj):
+    """Same content, keys in sorted order: Snakemake compares params by their text, so the key
+    order of a YAML file must not look like a change of settings."""
+    if isinstance(obj, dict):
+        return {k: _key_sorted(obj[k]) for k in sorted(obj)}
+    if isinstance(obj, list):
+        return [_key_sorted(v) for v in obj]
+    return obj
 
 
 def settings_hash(*parts: Any) -> str:

@@ -1,0 +1,57 @@
+import pytest
+
+from writer_retrieval.config import ConfigError, binarize_variants, validate_config
+
+
+def base(**over):
+    cfg = {"datasets": {"demo": {"adapter": "synthetic"}}, "experiments": [{"dataset": "demo"}]}
+    cfg.update(over)
+    return cfg
+
+
+def test_defaults_are_filled_from_the_schema():
+    cfg = validate_config(base())
+    assert cfg["preprocess"] == {"method": "sauvola", "window": 51, "k": 0.2, "compare": []}
+    assert cfg["on_bad_input"] == "stop" and cfg["shard_size"] == 64
+    demo = cfg["datasets"]["demo"]
+    assert (demo["writers"], demo["train_writers"], demo["pages_per_writer"], demo["seed"]) == (40, 16, 4, 0)
+    assert demo["empty_page_ink"] == 0.0005  # default reached through a $ref
+
+
+@pytest.mark.parametrize("cfg,expected", [
+    (base(preprocess={"windw": 41}),
+     "unknown key 'preprocess.windw' (did you mean 'window'?). Allowed keys in 'preprocess': compare, k, method, window"),
+    (base(bogus=1), "unknown key 'bogus'. Allowed keys in the top level: datasets, experiments,"),
+    (base(preprocess={"method": "niblack"}), "'preprocess.method' = 'niblack' is not allowed; allowed: otsu, sauvola"),
+    (base(on_bad_input="ignore"), "'on_bad_input' = 'ignore' is not allowed; allowed: stop, skip"),
+    (base(shard_size=0), "'shard_size' = 0 must be >= 1"),
+    (base(shard_size="big"), "'shard_size' = 'big' must be of type integer"),
+    (base(datasets={"x": {"adapter": "icdar2017"}}, experiments=[{"dataset": "x"}]),
+     "'datasets.x' is missing the required key(s): root"),
+    (base(datasets={"x": {"adapter": "iam"}}, experiments=[{"dataset": "x"}]),
+     "'datasets.x.adapter' = 'iam' is not allowed; allowed: synthetic, icdar2017, icdar2019, cvl, hisfrag20, folder, words"),
+    (base(datasets={"x": {"adapter": "folder", "root": "/d"}}, experiments=[{"dataset": "x"}]),
+     "'datasets.x' needs exactly one of: 'labels', 'pattern'"),
+    (base(datasets={"x": {"adapter": "cvl", "root": "/d", "labels": "l.csv"}}, experiments=[{"dataset": "x"}]),
+     "unknown key 'datasets.x.labels'"),
+    (base(experiments=[{"dataset": "nope"}]), "'experiments[0].dataset' = 'nope' is not a key of 'datasets'; allowed: demo"),
+    (base(preprocess={"window": 50}), "'preprocess.window' = 50 must be odd"),
+    (base(datasets={"demo": {"adapter": "synthetic", "writers": 4, "train_writers": 4}}),
+     "'datasets.demo.train_writers' = 4 must be smaller than 'datasets.demo.writers' = 4"),
+])
+def test_errors_name_the_key_and_what_is_allowed(cfg, expected):
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert expected in str(err.value)
+
+
+def test_binarize_variant_names_hash_only_relevant_settings():
+    a = validate_config(base(preprocess={"method": "sauvola", "compare": ["otsu"]}))
+    b = validate_config(base(preprocess={"method": "sauvola", "window": 31, "compare": ["otsu"]}))
+    va, vb = binarize_variants(a, "demo"), binarize_variants(b, "demo")
+    assert [n.split("-")[0] for n in va] == ["sauvola", "otsu"]
+    otsu_a = [n for n in va if n.startswith("otsu")]
+    assert otsu_a == [n for n in vb if n.startswith("otsu")]  # window does not touch Otsu
+    assert [n for n in va if n.startswith("sauvola")] != [n for n in vb if n.startswith("sauvola")]
+    c = validate_config(base(datasets={"demo": {"adapter": "synthetic", "seed": 5}}))
+    assert set(binarize_variants(c, "demo")).isdisjoint(va)  # another dataset, other folders
