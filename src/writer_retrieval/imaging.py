@@ -50,7 +50,9 @@ def write_gray(path: str | os.PathLike, image: np.ndarray, jpeg_quality: int | N
     """Write an 8-bit gray or RGB image atomically; format from the suffix."""
     path = Path(path)
     params = {}
-    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF"}[path.suffix.lower()]
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF"}.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: cannot write images with suffix {path.suffix!r} (use .jpg, .png or .tif)")
     if fmt == "JPEG":
         params = {"quality": int(jpeg_quality or 90), "subsampling": 0}
     with atomic_path(path) as tmp:
