@@ -5,7 +5,16 @@ import re
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
-from writer_retrieval.config import ConfigError, binarize_variants, validate_config
+from writer_retrieval.config import (
+    ConfigError,
+    binarize_variants,
+    descriptors_variant,
+    experiment_grid,
+    features_variant,
+    main_binarize_variant,
+    validate_config,
+    vlad_variant,
+)
 
 min_version("9.0")
 
@@ -25,22 +34,47 @@ except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 
 DATASETS = sorted({exp["dataset"] for exp in config["experiments"]})
-BINARIZE = {name: binarize_variants(config, name) for name in config["datasets"]}
 RESULTS = "results"
+# Folder name -> effective settings, per dataset and stage (names carry a hash of the settings).
+BINARIZE = {d: binarize_variants(config, d) for d in config["datasets"]}
+FEATURES = {d: dict(features_variant(config, d, f) for f in config["features"]) for d in config["datasets"]}
+VLAD = {d: dict(vlad_variant(config, d, f) for f in config["features"]) for d in config["datasets"]}
+DESCRIPTORS = {d: dict(descriptors_variant(config, d, f) for f in config["features"]) for d in config["datasets"]}
+GRID = experiment_grid(config)
+EXPERIMENTS = {(e["dataset"], e["folder"]): e for e in GRID}
+
+
+def has_ground_truth(dataset):
+    return config["datasets"][dataset]["adapter"] == "synthetic"
+
+
+def shard_ids(dataset):
+    """Shards of a dataset's index ('0000', ...); known once the dataset checkpoint has run."""
+    import pyarrow.parquet as pq
+
+    from writer_retrieval.binarize import n_shards
+
+    index = checkpoints.dataset.get(dataset=dataset).output.index
+    return [f"{i:04d}" for i in range(n_shards(pq.ParquetFile(index).metadata.num_rows, config["shard_size"]))]
 
 
 wildcard_constraints:
     dataset="|".join(map(re.escape, config["datasets"])),
     variant=r"[a-z0-9+]+-[0-9a-f]{10}",
+    fvariant=r"[A-Za-z0-9_.]+-[0-9a-f]{10}",
+    vvariant=r"[A-Za-z0-9_.]+-[0-9a-f]{10}",
+    dvariant=r"[A-Za-z0-9_.]+-vlad-[0-9a-f]{10}",
+    experiment=r"[A-Za-z0-9_.]+-vlad-[a-z]+-[0-9a-f]{10}",
     shard=r"\d{4}",
 
 
 include: "rules/dataset.smk"
 include: "rules/binarize.smk"
-
-
-def has_ground_truth(dataset):
-    return config["datasets"][dataset]["adapter"] == "synthetic"
+include: "rules/features.smk"
+include: "rules/vlad.smk"
+include: "rules/pca.smk"
+include: "rules/retrieval.smk"
+include: "rules/report.smk"
 
 
 rule all:
@@ -49,3 +83,7 @@ rule all:
         [f"{RESULTS}/{d}/index.parquet" for d in DATASETS],
         [f"{RESULTS}/{d}/binarize/{v}/stats.parquet" for d in DATASETS for v in BINARIZE[d]],
         [f"{RESULTS}/{d}/binarize/quality_summary.parquet" for d in DATASETS if has_ground_truth(d)],
+        [f"{RESULTS}/{e['dataset']}/features/{features_variant(config, e['dataset'], e['features'])[0]}/stats.parquet"
+         for e in GRID],
+        f"{RESULTS}/benchmark.parquet",
+        f"{RESULTS}/report.html",

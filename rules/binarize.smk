@@ -1,13 +1,8 @@
 # Stage 2: binarization (ink masks, stats, quality against ground truth), one job per shard of the index.
-import pyarrow.parquet as pq
-
-from writer_retrieval.binarize import n_shards
 
 
 def binarize_shard_tables(wc):
-    index = checkpoints.dataset.get(dataset=wc.dataset).output.index
-    count = n_shards(pq.ParquetFile(index).metadata.num_rows, config["shard_size"])
-    return [f"{RESULTS}/{wc.dataset}/binarize/{wc.variant}/shards/{i:04d}.parquet" for i in range(count)]
+    return [f"{RESULTS}/{wc.dataset}/binarize/{wc.variant}/shards/{s}.parquet" for s in shard_ids(wc.dataset)]
 
 
 rule binarize_shard:

@@ -121,6 +121,12 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
             if ds["adapter"] == "synthetic" and ds["train_writers"] >= ds["writers"]:
                 messages.append(f"'datasets.{name}.train_writers' = {ds['train_writers']} must be smaller than "
                                 f"'datasets.{name}.writers' = {ds['writers']} (the test split needs writers)")
+        for i, exp in enumerate(filled["experiments"]):
+            exp.setdefault("features", sorted(filled["features"]))
+            for name in exp["features"]:
+                if name not in filled["features"]:
+                    messages.append(f"'experiments[{i}].features' names {name!r}, which is not a key of 'features'; "
+                                    f"allowed: {', '.join(sorted(filled['features']))}")
         pre = filled["preprocess"]
         if pre["window"] % 2 == 0:
             messages.append(f"'preprocess.window' = {pre['window']} must be odd")
@@ -171,3 +177,56 @@ def binarize_variants(config: dict, dataset: str) -> dict[str, dict]:
         settings["dataset_hash"] = dataset_hash(config, dataset)
         variants[f"{method}-{settings_hash('binarize', settings)}"] = settings
     return variants
+
+
+def main_binarize_variant(config: dict, dataset: str) -> str:
+    """The binarization every later stage uses (preprocess.method)."""
+    return next(iter(binarize_variants(config, dataset)))
+
+
+def _variant(name: str, stage: str, settings: dict) -> tuple[str, dict]:
+    return f"{name}-{settings_hash(stage, settings)}", settings
+
+
+def features_variant(config: dict, dataset: str, features: str) -> tuple[str, dict]:
+    """Folder name '<features>-<hash>' and effective settings of a feature extractor on a dataset."""
+    settings = {**config["features"][features], "binarize": main_binarize_variant(config, dataset)}
+    return _variant(features, "features", settings)
+
+
+VLAD_KEYS = ("codebook_size", "codebook_sample", "kmeans_iterations", "intra_norm", "power", "chunk_size", "seed")
+PCA_KEYS = ("pca_dims", "pca_fit_on", "seed")
+
+
+def vlad_variant(config: dict, dataset: str, features: str) -> tuple[str, dict]:
+    agg = config["aggregation"]
+    settings = {k: agg[k] for k in VLAD_KEYS}
+    settings["features"] = features_variant(config, dataset, features)[0]
+    return _variant(features, "vlad", settings)
+
+
+def descriptors_variant(config: dict, dataset: str, features: str) -> tuple[str, dict]:
+    """Folder of descriptors.parquet: '<features>-vlad-<hash>' (VLAD + PCA whitening)."""
+    agg = config["aggregation"]
+    settings = {k: agg[k] for k in PCA_KEYS}
+    settings["vlad"] = vlad_variant(config, dataset, features)[0]
+    return _variant(f"{features}-vlad", "descriptors", settings)
+
+
+def experiment_grid(config: dict) -> list[dict]:
+    """One entry per (dataset, features, aggregation, rerank) of the experiments list, with its folder."""
+    grid, seen = [], set()
+    for exp in config["experiments"]:
+        for features in exp["features"]:
+            for rerank in exp["rerank"]:
+                desc, _ = descriptors_variant(config, exp["dataset"], features)
+                settings = {"descriptors": desc, "rerank": rerank, "exclude_same": exp["exclude_same"],
+                            "top_k": config["retrieval"]["top_k"]}
+                folder, _ = _variant(f"{desc.rsplit('-', 1)[0]}-{rerank}", "experiment", settings)
+                if (exp["dataset"], folder) in seen:
+                    continue
+                seen.add((exp["dataset"], folder))
+                grid.append({"dataset": exp["dataset"], "features": features, "aggregation": "vlad",
+                             "rerank": rerank, "descriptors": desc, "folder": folder,
+                             "settings_hash": folder.rsplit("-", 1)[1], "settings": settings})
+    return grid

@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -38,3 +39,30 @@ def write_parquet(table: pd.DataFrame | pa.Table, path: str | os.PathLike, schem
 def write_json(obj, path: str | os.PathLike) -> None:
     with atomic_path(path, ".json") as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_npy(array: np.ndarray, path: str | os.PathLike) -> None:
+    with atomic_path(path, ".npy") as tmp:
+        np.save(tmp, array)
+
+
+# Variable-length per-document arrays (local descriptors, tokens): one .npy of stacked rows per
+# shard plus a Parquet index (doc_id, count, offset) saying which rows belong to which document.
+def write_array_shard(arrays: dict[str, np.ndarray], npy_path, index_path, dtype, width: int) -> pd.DataFrame:
+    docs = list(arrays)
+    counts = [len(arrays[d]) for d in docs]
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if docs else np.zeros(0, np.int64)
+    stacked = (np.concatenate([np.asarray(arrays[d], dtype=dtype).reshape(-1, width) for d in docs])
+               if docs else np.zeros((0, width), dtype))
+    write_npy(stacked, npy_path)
+    index = pd.DataFrame({"doc_id": docs, "count": np.asarray(counts, np.int64), "offset": offsets})
+    if index_path is not None:
+        write_parquet(index, index_path)
+    return index
+
+
+def read_array_shard(npy_path, index_path, mmap: bool = True) -> dict[str, np.ndarray]:
+    """doc_id -> rows of that document (memory-mapped views by default)."""
+    stacked = np.load(npy_path, mmap_mode="r" if mmap else None)
+    index = pd.read_parquet(index_path)
+    return {d: stacked[o:o + c] for d, c, o in zip(index.doc_id, index["count"], index.offset)}

@@ -1,0 +1,34 @@
+# Stage 3: local descriptors per page (SIFT on the binarized page), one job per shard of the index.
+
+
+def main_masks(wc):
+    return f"{RESULTS}/{wc.dataset}/binarize/{main_binarize_variant(config, wc.dataset)}/stats.parquet"
+
+
+rule features_shard:
+    input:
+        index=f"{RESULTS}/{{dataset}}/index.parquet",
+        masks=main_masks,
+    output:
+        descriptors=f"{RESULTS}/{{dataset}}/features/{{fvariant}}/shards/{{shard}}.desc.npy",
+        keypoints=f"{RESULTS}/{{dataset}}/features/{{fvariant}}/shards/{{shard}}.kp.npy",
+        index=f"{RESULTS}/{{dataset}}/features/{{fvariant}}/shards/{{shard}}.parquet",
+        stats=f"{RESULTS}/{{dataset}}/features/{{fvariant}}/shards/{{shard}}.stats.parquet",
+    params:
+        settings=lambda wc: FEATURES[wc.dataset][wc.fvariant],
+        shard_size=config["shard_size"],
+    log:
+        f"{RESULTS}/{{dataset}}/logs/features/{{fvariant}}/{{shard}}.log",
+    script:
+        "../scripts/features.py"
+
+
+rule features:
+    input:
+        lambda wc: [f"{RESULTS}/{wc.dataset}/features/{wc.fvariant}/shards/{s}.stats.parquet" for s in shard_ids(wc.dataset)],
+    output:
+        stats=f"{RESULTS}/{{dataset}}/features/{{fvariant}}/stats.parquet",
+    log:
+        f"{RESULTS}/{{dataset}}/logs/features/{{fvariant}}/merge.log",
+    script:
+        "../scripts/features.py"

@@ -1,0 +1,24 @@
+# Stage 7: results/benchmark.parquet (all metrics rows) and results/report.html.
+
+
+def experiment_files(name):
+    return [f"{RESULTS}/{e['dataset']}/experiments/{e['folder']}/{name}" for e in GRID]
+
+
+rule report:
+    input:
+        metrics=experiment_files("metrics.parquet"),
+        rankings=experiment_files("rankings.parquet"),
+        indexes=[f"{RESULTS}/{e['dataset']}/index.parquet" for e in GRID],
+        quality=[f"{RESULTS}/{d}/binarize/quality_summary.parquet" for d in DATASETS if has_ground_truth(d)],
+    output:
+        benchmark=report(f"{RESULTS}/benchmark.parquet", category="Benchmark"),
+        chart=report(f"{RESULTS}/report/benchmark.png", category="Benchmark", caption="../report/benchmark.rst"),
+        html=f"{RESULTS}/report.html",
+    params:
+        grid=[{"dataset": e["dataset"], "folder": e["folder"]} for e in GRID],
+        settings=config["report"],
+    log:
+        f"{RESULTS}/logs/report.log",
+    script:
+        "../scripts/report.py"

@@ -1,0 +1,19 @@
+"""Glue for rule `report`: see writer_retrieval.report."""
+import pandas as pd
+
+from writer_retrieval.logs import stage_logging
+from writer_retrieval.report import bar_chart, collect_benchmark, write_report
+
+if __name__ == "__main__":
+    sm = snakemake
+    with stage_logging(sm.log[0], sm.rule):
+        table = collect_benchmark(list(sm.input.metrics), sm.output.benchmark)
+        bar_chart(table, sm.output.chart)
+        experiments = [{**g, "rankings": r, "index": i}
+                       for g, r, i in zip(sm.params.grid, sm.input.rankings, sm.input.indexes)]
+        extra = {}
+        for path in sm.input.quality:
+            dataset = path.split("/")[-3]
+            extra[f"{dataset}: binarization quality against ground truth"] = pd.read_parquet(path).to_html(
+                index=False, border=0, float_format=lambda v: f"{v:.4f}")
+        write_report(sm.output.benchmark, sm.output.chart, experiments, dict(sm.params.settings), sm.output.html, extra)

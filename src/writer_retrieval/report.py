@@ -1,0 +1,122 @@
+"""Report stage: results/benchmark.parquet (all metrics rows) and a self-contained results/report.html."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+
+from .imaging import load_gray  # noqa: E402
+from .storage import atomic_path, write_parquet  # noqa: E402
+
+log = logging.getLogger("writer_retrieval")
+
+
+def collect_benchmark(metrics_paths, out_path) -> pd.DataFrame:
+    table = pd.concat([pd.read_parquet(p) for p in metrics_paths], ignore_index=True)
+    table = table.sort_values(["dataset", "features", "aggregation", "rerank"], kind="stable").reset_index(drop=True)
+    write_parquet(table, out_path)
+    log.info("benchmark:\n%s", table[["dataset", "features", "aggregation", "rerank", "n_queries", "map", "top1",
+                                       "chance_map"]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return table
+
+
+def bar_chart(table: pd.DataFrame, path) -> None:
+    """mAP and Top-1 per experiment, with the chance mAP of its test set as a tick."""
+    labels = [f"{r.dataset}\n{r.features}/{r.aggregation}/{r.rerank}" for r in table.itertuples()]
+    x = np.arange(len(table))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(table) + 2), 4.0), dpi=110)
+    ax.bar(x - 0.2, 100 * table["map"], width=0.4, label="mAP", color="#3b6ea8")
+    ax.bar(x + 0.2, 100 * table["top1"], width=0.4, label="Top-1", color="#e39b3a")
+    ax.scatter(x - 0.2, 100 * table["chance_map"], marker="_", s=400, color="black", label="chance mAP", zorder=3)
+    for xi, m, t in zip(x, table["map"], table["top1"]):
+        ax.text(xi - 0.2, 100 * m + 1, f"{100 * m:.1f}", ha="center", fontsize=8)
+        ax.text(xi + 0.2, 100 * t + 1, f"{100 * t:.1f}", ha="center", fontsize=8)
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("%")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("Writer retrieval on the test split (leave-one-out)")
+    fig.tight_layout()
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def _thumbnail(path: str, height: int, colour: str | None) -> str:
+    gray = load_gray(path)
+    im = Image.fromarray(gray)
+    im = im.resize((max(1, round(im.width * height / im.height)), height), Image.Resampling.LANCZOS).convert("RGB")
+    if colour:
+        im = ImageOps.expand(im, border=4, fill=colour)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=80)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def example_rankings(rankings_path, index_path, n_queries: int, height: int) -> str:
+    """HTML rows: query + top 5 thumbnails, relevant ones framed green, others red."""
+    if n_queries == 0:
+        return ""
+    rankings = pd.read_parquet(rankings_path)
+    index = pd.read_parquet(index_path).set_index("doc_id")
+    queries = rankings.query_doc_id.drop_duplicates().to_numpy()
+    chosen = queries[np.linspace(0, len(queries) - 1, min(n_queries, len(queries))).round().astype(int)]
+    rows = []
+    for q in chosen:
+        top = rankings[rankings.query_doc_id == q].sort_values("rank").head(5)
+        cells = [f'<td><img src="data:image/jpeg;base64,{_thumbnail(index.loc[q, "path"], height, "#555")}"><br>'
+                 f"<b>query</b> {html.escape(q)}<br>writer {html.escape(str(index.loc[q, 'writer']))}</td>"]
+        for r in top.itertuples():
+            colour = "#2a9d3a" if r.relevant else "#c8322b"
+            cells.append(f'<td><img src="data:image/jpeg;base64,{_thumbnail(index.loc[r.doc_id, "path"], height, colour)}">'
+                         f"<br>#{r.rank} {html.escape(r.doc_id)}<br>writer {html.escape(str(index.loc[r.doc_id, 'writer']))}"
+                         f", score {r.score:.3f}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return "<table class='ranks'>" + "".join(rows) + "</table>"
+
+
+CSS = """body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse}
+td,th{padding:4px 8px;border-bottom:1px solid #ddd;text-align:right;font-size:13px}
+.ranks td{text-align:center;vertical-align:top;border:none;font-size:11px}h2{margin-top:1.5em}"""
+
+
+def write_report(benchmark_path, chart_path, experiments: list[dict], report_settings: dict, out_path,
+                 extra_tables: dict[str, str] | None = None) -> None:
+    """experiments: dicts with dataset, folder, rankings (path), index (path)."""
+    table = pd.read_parquet(benchmark_path)
+    shown = table.drop(columns=["settings_hash"]).copy()
+    for col in ("map", "top1", "p_at_5", "p_at_10", "chance_map"):
+        shown[col] = (100 * shown[col]).map(lambda v: f"{v:.2f}")
+    chart = base64.b64encode(Path(chart_path).read_bytes()).decode()
+    parts = [f"<html><head><meta charset='utf-8'><title>writer-retrieval report</title><style>{CSS}</style></head><body>",
+             "<h1>writer-retrieval benchmark</h1>",
+             "<p>Leave-one-out retrieval over each dataset's test split: every test document queries all other "
+             "test documents; queries whose writer has no other document are not scored but stay as distractors. "
+             "mAP, Top-1, P@k and the expected mAP of a random ranking (chance) are in %.</p>",
+             shown.to_html(index=False, escape=True, border=0),
+             f"<p><img src='data:image/png;base64,{chart}'></p>"]
+    for title, fragment in (extra_tables or {}).items():
+        parts += [f"<h2>{html.escape(title)}</h2>", fragment]
+    by_dataset: dict[str, dict] = {}
+    for exp in experiments:
+        by_dataset.setdefault(exp["dataset"], exp)  # the first experiment of each dataset
+    for dataset, exp in by_dataset.items():
+        fragment = example_rankings(exp["rankings"], exp["index"], report_settings["queries_shown"],
+                                    report_settings["thumbnail_height"])
+        if fragment:
+            parts += [f"<h2>{html.escape(dataset)}: example queries ({html.escape(exp['folder'])})</h2>",
+                      "<p>Query, then the top 5; green frame = same writer, red = other writer.</p>", fragment]
+    parts.append("</body></html>")
+    with atomic_path(out_path, ".html") as tmp:
+        tmp.write_text("\n".join(parts))
+    log.info("report written to %s", out_path)

@@ -1,0 +1,124 @@
+"""Retrieval stage: leave-one-out cosine retrieval over the test split and the standard metrics.
+
+Protocol (../shared/docs/methods.md): every test document queries all other test documents;
+queries whose writer has no other document in their gallery are not scored but stay in the
+gallery as distractors. The query is excluded by index, never by assuming it ranks first.
+Ties in score are broken by document order (doc_id), so rankings are deterministic.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import faiss
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from .storage import write_parquet
+
+log = logging.getLogger("writer_retrieval")
+
+RANKINGS_SCHEMA = pa.schema([("query_doc_id", pa.string()), ("rank", pa.int32()), ("doc_id", pa.string()),
+                             ("score", pa.float32()), ("relevant", pa.bool_())])
+
+
+def expected_random_ap(n_relevant: int, gallery: int) -> float:
+    """Expected AP of a uniformly random ranking (R relevant among G): (1/G)((R-1)/(G-1)(G - H_G) + H_G)."""
+    if gallery <= 1:
+        return 1.0
+    h = float(np.sum(1.0 / np.arange(1, gallery + 1)))
+    return ((n_relevant - 1) / (gallery - 1) * (gallery - h) + h) / gallery
+
+
+def evaluate(x: np.ndarray, writers, pages=None, exclude_same: str = "none", top_k: int = 100,
+             block: int = 512, doc_ids=None):
+    """Leave-one-out retrieval on L2-normalised rows of `x`.
+
+    Returns (metrics dict, rankings DataFrame of the top-k per query).
+    """
+    x = np.ascontiguousarray(x, np.float32)
+    n = len(x)
+    writers = np.asarray(writers)
+    if exclude_same == "page":
+        if pages is None:
+            raise ValueError("exclude_same: page needs the page of every document")
+        page_codes = pd.factorize(np.asarray(pages))[0]
+    doc_ids = np.asarray(doc_ids if doc_ids is not None else np.arange(n).astype(str))
+    aps, top1, p5, p10, chance = [], [], [], [], []
+    first_hit = []
+    rank_rows = {"query_doc_id": [], "rank": [], "doc_id": [], "score": [], "relevant": []}
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        scores = faiss.pairwise_distances(x[start:stop], x, faiss.METRIC_INNER_PRODUCT)
+        rows = np.arange(stop - start)
+        scores[rows, rows + start] = -np.inf  # the query itself, by index
+        if exclude_same == "page":
+            scores[page_codes[start:stop, None] == page_codes[None, :]] = -np.inf
+        order = np.argsort(-scores, axis=1, kind="stable")
+        for r in rows:
+            q = start + r
+            valid = np.isfinite(scores[r])
+            ranked = order[r, : int(valid.sum())]
+            relevant = writers[ranked] == writers[q]
+            k = min(top_k, len(ranked))
+            rank_rows["query_doc_id"] += [doc_ids[q]] * k
+            rank_rows["rank"] += list(range(1, k + 1))
+            rank_rows["doc_id"] += list(doc_ids[ranked[:k]])
+            rank_rows["score"] += list(scores[r, ranked[:k]])
+            rank_rows["relevant"] += list(relevant[:k])
+            n_rel = int(relevant.sum())
+            if n_rel == 0:
+                continue
+            hits = np.flatnonzero(relevant) + 1
+            aps.append(float(np.mean(np.arange(1, n_rel + 1) / hits)))
+            top1.append(bool(relevant[0]))
+            p5.append(relevant[:5].sum() / 5.0)
+            p10.append(relevant[:10].sum() / 10.0)
+            chance.append(expected_random_ap(n_rel, len(ranked)))
+            first_hit.append(int(hits[0]))
+    n_queries = len(aps)
+    metrics = {
+        "n_docs": n, "n_queries": n_queries, "n_skipped_queries": n - n_queries,
+        "map": float(np.mean(aps)) if aps else float("nan"),
+        "top1": float(np.mean(top1)) if aps else float("nan"),
+        "p_at_5": float(np.mean(p5)) if aps else float("nan"),
+        "p_at_10": float(np.mean(p10)) if aps else float("nan"),
+        "chance_map": float(np.mean(chance)) if aps else float("nan"),
+        "median_first_hit_rank": float(np.median(first_hit)) if aps else float("nan"),
+    }
+    rankings = pd.DataFrame(rank_rows)
+    return metrics, rankings
+
+
+METRICS_COLUMNS = ["dataset", "features", "aggregation", "rerank", "n_docs", "n_queries", "n_skipped_queries",
+                   "map", "top1", "p_at_5", "p_at_10", "chance_map", "median_first_hit_rank", "pca_fit_on",
+                   "exclude_same", "settings_hash", "seconds"]
+
+
+def run_experiment(descriptors_path, index_path, labels: dict, settings: dict, rankings_path, metrics_path,
+                   rerank=None) -> pd.DataFrame:
+    """Score one experiment on the test split; `rerank(x) -> x'` is applied before retrieval if given."""
+    from .pca import read_descriptors
+
+    start_time = time.perf_counter()
+    meta, x = read_descriptors(descriptors_path)
+    index = pd.read_parquet(index_path, columns=["doc_id", "page"]).set_index("doc_id")
+    test = (meta.split == "test").to_numpy()
+    meta, x = meta[test].reset_index(drop=True), x[test]
+    if len(meta) < 2:
+        raise ValueError(f"{descriptors_path}: fewer than 2 test documents; nothing to retrieve")
+    if rerank is not None:
+        x = rerank(x)
+    metrics, rankings = evaluate(x, meta.writer.to_numpy(), index.loc[meta.doc_id, "page"].to_numpy(),
+                                 settings["exclude_same"], settings["top_k"], doc_ids=meta.doc_id.to_numpy())
+    write_parquet(rankings, rankings_path, RANKINGS_SCHEMA)
+    row = {**labels, **metrics, "exclude_same": settings["exclude_same"],
+           "seconds": time.perf_counter() - start_time}
+    table = pd.DataFrame([row])[METRICS_COLUMNS]
+    write_parquet(table, metrics_path)
+    log.info("%s / %s / %s / %s: mAP %.4f, Top-1 %.4f, P@5 %.4f, P@10 %.4f on %d queries (%d skipped); "
+             "chance mAP %.4f", labels["dataset"], labels["features"], labels["aggregation"], labels["rerank"],
+             metrics["map"], metrics["top1"], metrics["p_at_5"], metrics["p_at_10"], metrics["n_queries"],
+             metrics["n_skipped_queries"], metrics["chance_map"])
+    return table
