@@ -10,6 +10,7 @@ from writer_retrieval.config import (
     binarize_variants,
     descriptors_variant,
     experiment_grid,
+    codebook_variant,
     features_variant,
     main_binarize_variant,
     validate_config,
@@ -38,6 +39,7 @@ RESULTS = "results"
 # Folder name -> effective settings, per dataset and stage (names carry a hash of the settings).
 BINARIZE = {d: binarize_variants(config, d) for d in config["datasets"]}
 FEATURES = {d: dict(features_variant(config, d, f) for f in config["features"]) for d in config["datasets"]}
+CODEBOOK = {d: dict(codebook_variant(config, d, f) for f in config["features"]) for d in config["datasets"]}
 VLAD = {d: dict(vlad_variant(config, d, f) for f in config["features"]) for d in config["datasets"]}
 DESCRIPTORS = {d: dict(descriptors_variant(config, d, f) for f in config["features"]) for d in config["datasets"]}
 GRID = experiment_grid(config)
@@ -62,6 +64,7 @@ wildcard_constraints:
     dataset="|".join(map(re.escape, config["datasets"])),
     variant=r"[a-z0-9+]+-[0-9a-f]{10}",
     fvariant=r"[A-Za-z0-9_.]+-[0-9a-f]{10}",
+    cvariant=r"[A-Za-z0-9_.]+-[0-9a-f]{10}",
     vvariant=r"[A-Za-z0-9_.]+-[0-9a-f]{10}",
     dvariant=r"[A-Za-z0-9_.]+-vlad-[0-9a-f]{10}",
     experiment=r"[A-Za-z0-9_.]+-vlad-[a-z]+-[0-9a-f]{10}",

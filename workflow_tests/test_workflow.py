@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -47,8 +48,8 @@ def test_tiny_run_leaves_index_masks_and_quality(tiny_run):
         row = index.set_index("doc_id").loc[stats.doc_id.iloc[0]]
         assert mask.shape == (row.height, row.width)
         assert (tiny_run / f"results/tiny/binarize/{v}/settings.json").exists()
-        # 12 pages in shards of 5 -> 3 shard jobs
-        assert len(list((tiny_run / f"results/tiny/binarize/{v}/shards").glob("*.parquet"))) == 3
+        # 30 pages in shards of 8 -> 4 shard jobs
+        assert len(list((tiny_run / f"results/tiny/binarize/{v}/shards").glob("*.parquet"))) == 4
     summary = pd.read_parquet(tiny_run / "results/tiny/binarize/quality_summary.parquet")
     assert sorted(summary.method) == ["otsu", "sauvola"] and (summary.n_pages == len(index)).all()
     assert (summary.f_measure > 0.6).all() and (summary.psnr > 10).all()
@@ -74,16 +75,70 @@ def job_counts(output: str) -> dict[str, int]:
     return counts
 
 
-def test_changing_a_binarizer_setting_reruns_only_that_binarizer(tiny_run, tmp_path):
+def dry_run_jobs(workdir, tmp_path, change) -> dict[str, int]:
     cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
-    cfg["preprocess"]["window"] = 41
+    change(cfg)
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(cfg))
-    proc = snakemake(tiny_run, changed, "-n")
+    proc = snakemake(workdir, changed, "-n")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # The dataset is untouched and Otsu (no window) is reused; only a new Sauvola variant is made.
-    assert job_counts(proc.stdout + proc.stderr) == {"binarize_shard": 3, "binarize": 1,
-                                                     "binarize_quality_summary": 1, "all": 1}
+    return job_counts(proc.stdout + proc.stderr)
+
+
+DOWNSTREAM_OF_FEATURES = {"vlad_codebook": 1, "vlad_shard": 4, "descriptors": 1, "retrieval": 1, "report": 1, "all": 1}
+
+
+def test_changing_a_binarizer_setting_reruns_that_binarizer_and_what_follows(tiny_run, tmp_path):
+    jobs = dry_run_jobs(tiny_run, tmp_path, lambda c: c["preprocess"].update(window=41))
+    # The dataset is untouched and Otsu (no window) is reused; the new Sauvola variant feeds SIFT.
+    assert jobs == {"binarize_shard": 4, "binarize": 1, "binarize_quality_summary": 1, "features_shard": 4,
+                    "features": 1, **DOWNSTREAM_OF_FEATURES}
+
+
+def test_changing_the_vlad_power_keeps_features_and_codebook(tiny_run, tmp_path):
+    jobs = dry_run_jobs(tiny_run, tmp_path, lambda c: c["aggregation"].update(power=0.3))
+    assert jobs == {"vlad_shard": 4, "descriptors": 1, "retrieval": 1, "report": 1, "all": 1}
+
+
+def test_changing_pca_dims_reruns_only_whitening_and_scoring(tiny_run, tmp_path):
+    jobs = dry_run_jobs(tiny_run, tmp_path, lambda c: c["aggregation"].update(pca_dims=8))
+    assert jobs == {"descriptors": 1, "retrieval": 1, "report": 1, "all": 1}
+
+
+def test_benchmark_outputs_and_schemas(tiny_run):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    res = tiny_run / "results"
+    (desc_path,) = res.glob("tiny/descriptors/sift-vlad-*/descriptors.parquet")
+    schema = pq.read_schema(desc_path)
+    assert schema.names == ["doc_id", "writer", "split", "descriptor"]
+    assert pa.types.is_fixed_size_list(schema.field("descriptor").type)
+    assert schema.field("descriptor").type.value_type == pa.float32()
+    desc = pd.read_parquet(desc_path)
+    assert len(desc) == 30 and set(desc.split) == {"train", "test"}
+    vectors = np.stack(desc.descriptor.to_numpy())
+    # 12 train pages: PCA keeps at most 11 dims; rows are L2-normalised.
+    assert vectors.shape[1] <= 11 and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+
+    (exp,) = res.glob("tiny/experiments/sift-vlad-none-*")
+    rankings = pd.read_parquet(exp / "rankings.parquet")
+    assert list(rankings.columns) == ["query_doc_id", "rank", "doc_id", "score", "relevant"]
+    assert rankings.query_doc_id.nunique() == 18 and (rankings.groupby("query_doc_id").size() == 17).all()
+    metrics = pd.read_parquet(exp / "metrics.parquet")
+    for col in ["dataset", "features", "aggregation", "rerank", "n_docs", "n_queries", "n_skipped_queries", "map",
+                "top1", "p_at_5", "p_at_10", "settings_hash", "seconds", "pca_fit_on"]:
+        assert col in metrics.columns
+    row = metrics.iloc[0]
+    assert (row.dataset, row.features, row.aggregation, row.rerank, row.pca_fit_on) == ("tiny", "sift", "vlad", "none", "train")
+    assert row.n_docs == 18 and row.n_queries == 18 and row.n_skipped_queries == 0
+    # 6 test writers x 3 pages: a random ranking scores about 0.25 mAP.
+    assert 0.2 < row.chance_map < 0.3 and row["map"] > row.chance_map + 0.3
+    bench = pd.read_parquet(res / "benchmark.parquet")
+    assert len(bench) == 1 and bench["map"].iloc[0] == row["map"]
+    html_text = (res / "report.html").read_text()
+    assert "<table" in html_text and "data:image/png;base64" in html_text and "example queries" in html_text
+    assert html_text.count("data:image/jpeg;base64") == 3 * 6  # 3 queries x (query + top 5)
 
 
 def test_bad_config_key_stops_before_any_job(tmp_path):
@@ -100,8 +155,6 @@ def test_bad_config_key_stops_before_any_job(tmp_path):
 def test_truncated_jpeg_in_a_dataset_folder_stops_with_its_name(tmp_path):
     root = tmp_path / "pages"
     root.mkdir()
-    import numpy as np
-
     rng = np.random.default_rng(0)
     for name in ["1-IMG_MAX_1.jpg", "1-IMG_MAX_2.jpg", "2-IMG_MAX_3.jpg", "2-IMG_MAX_4.jpg"]:
         page = np.full((64, 64), 230, np.uint8)

@@ -194,13 +194,23 @@ def features_variant(config: dict, dataset: str, features: str) -> tuple[str, di
     return _variant(features, "features", settings)
 
 
-VLAD_KEYS = ("codebook_size", "codebook_sample", "kmeans_iterations", "intra_norm", "power", "chunk_size", "seed")
+CODEBOOK_KEYS = ("codebook_size", "codebook_sample", "kmeans_iterations", "seed")
+VLAD_KEYS = ("intra_norm", "power", "chunk_size")
 PCA_KEYS = ("pca_dims", "pca_fit_on", "seed")
 
 
+def codebook_variant(config: dict, dataset: str, features: str) -> tuple[str, dict]:
+    agg = config["aggregation"]
+    settings = {k: agg[k] for k in CODEBOOK_KEYS}
+    settings["features"] = features_variant(config, dataset, features)[0]
+    return _variant(features, "codebook", settings)
+
+
 def vlad_variant(config: dict, dataset: str, features: str) -> tuple[str, dict]:
+    """VLAD encodings: the encoding options plus the codebook they use (a change of power keeps the codebook)."""
     agg = config["aggregation"]
     settings = {k: agg[k] for k in VLAD_KEYS}
+    settings["codebook"] = codebook_variant(config, dataset, features)[0]
     settings["features"] = features_variant(config, dataset, features)[0]
     return _variant(features, "vlad", settings)
 
