@@ -35,6 +35,9 @@ def test_map_by_hand_with_ties_duplicates_and_a_singleton():
     assert list(q0.relevant) == [False, False, True]
     assert list(rankings[rankings.query_doc_id == "d3"].doc_id) == ["d0", "d1", "d2"]
     assert (rankings.query_doc_id != rankings.doc_id).all()
+    # d1's scores tie three ways at s (d0, d3, d4): a top-2 cut keeps the first two by document order.
+    _, top2 = evaluate(X, WRITERS, doc_ids=IDS, top_k=2)
+    assert list(top2[top2.query_doc_id == "d1"].doc_id) == ["d0", "d3"]
     # The singleton still appears as a distractor in others' rankings, and has its own ranking.
     assert "d4" in set(rankings.doc_id) and len(rankings[rankings.query_doc_id == "d4"]) == 3
 

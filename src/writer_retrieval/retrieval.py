@@ -31,23 +31,42 @@ def expected_random_ap(n_relevant: int, gallery: int) -> float:
     return ((n_relevant - 1) / (gallery - 1) * (gallery - h) + h) / gallery
 
 
+def _ranks_of(row: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """1-based ranks of the items `targets` in `row` sorted by descending score, ties by index."""
+    t = row[targets][:, None]
+    before = (row[None, :] > t) | ((row[None, :] == t) & (np.arange(len(row))[None, :] < targets[:, None]))
+    return before.sum(axis=1) + 1
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k best per row (k < row length), by descending score, ties by index."""
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    # argpartition may cut a tie at the k-th score arbitrarily: take every item tied with it too.
+    kth = np.take_along_axis(scores, part, axis=1).min(axis=1)
+    rows = []
+    for r in range(len(scores)):
+        cand = np.flatnonzero(scores[r] >= kth[r])
+        rows.append(cand[np.lexsort((cand, -scores[r, cand]))][:k])
+    return np.stack(rows)
+
+
 def evaluate(x: np.ndarray, writers, pages=None, exclude_same: str = "none", top_k: int = 100,
              block: int = 512, doc_ids=None):
     """Leave-one-out retrieval on L2-normalised rows of `x`.
 
-    Returns (metrics dict, rankings DataFrame of the top-k per query).
+    Returns (metrics dict, rankings DataFrame of the top-k per query). Ranks of the relevant
+    documents are counted exactly against the whole gallery (no full sort needed).
     """
     x = np.ascontiguousarray(x, np.float32)
     n = len(x)
-    writers = np.asarray(writers)
+    writer_codes = pd.factorize(np.asarray(writers))[0]
     if exclude_same == "page":
         if pages is None:
             raise ValueError("exclude_same: page needs the page of every document")
         page_codes = pd.factorize(np.asarray(pages))[0]
     doc_ids = np.asarray(doc_ids if doc_ids is not None else np.arange(n).astype(str))
-    aps, top1, p5, p10, chance = [], [], [], [], []
-    first_hit = []
-    rank_rows = {"query_doc_id": [], "rank": [], "doc_id": [], "score": [], "relevant": []}
+    aps, top1, p5, p10, chance, first_hit = [], [], [], [], [], []
+    parts = []
     for start in range(0, n, block):
         stop = min(n, start + block)
         scores = faiss.pairwise_distances(x[start:stop], x, faiss.METRIC_INNER_PRODUCT)
@@ -55,40 +74,42 @@ def evaluate(x: np.ndarray, writers, pages=None, exclude_same: str = "none", top
         scores[rows, rows + start] = -np.inf  # the query itself, by index
         if exclude_same == "page":
             scores[page_codes[start:stop, None] == page_codes[None, :]] = -np.inf
-        order = np.argsort(-scores, axis=1, kind="stable")
+        gallery_sizes = np.isfinite(scores).sum(axis=1)
+        k = int(min(top_k, n - 1))
+        top = _top_k(scores, k)
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        keep = np.isfinite(top_scores)
+        query_idx = np.broadcast_to((rows + start)[:, None], top.shape)
+        parts.append(pd.DataFrame({
+            "query_doc_id": doc_ids[query_idx[keep]],
+            "rank": np.broadcast_to(np.arange(1, k + 1), top.shape)[keep].astype(np.int32),
+            "doc_id": doc_ids[top[keep]],
+            "score": top_scores[keep].astype(np.float32),
+            "relevant": (writer_codes[top] == writer_codes[query_idx])[keep]}))
         for r in rows:
             q = start + r
-            valid = np.isfinite(scores[r])
-            ranked = order[r, : int(valid.sum())]
-            relevant = writers[ranked] == writers[q]
-            k = min(top_k, len(ranked))
-            rank_rows["query_doc_id"] += [doc_ids[q]] * k
-            rank_rows["rank"] += list(range(1, k + 1))
-            rank_rows["doc_id"] += list(doc_ids[ranked[:k]])
-            rank_rows["score"] += list(scores[r, ranked[:k]])
-            rank_rows["relevant"] += list(relevant[:k])
-            n_rel = int(relevant.sum())
-            if n_rel == 0:
+            relevant = np.flatnonzero((writer_codes == writer_codes[q]) & np.isfinite(scores[r]))
+            if len(relevant) == 0:
                 continue
-            hits = np.flatnonzero(relevant) + 1
-            aps.append(float(np.mean(np.arange(1, n_rel + 1) / hits)))
-            top1.append(bool(relevant[0]))
-            p5.append(relevant[:5].sum() / 5.0)
-            p10.append(relevant[:10].sum() / 10.0)
-            chance.append(expected_random_ap(n_rel, len(ranked)))
+            hits = np.sort(_ranks_of(scores[r], relevant))
+            aps.append(float(np.mean(np.arange(1, len(hits) + 1) / hits)))
+            top1.append(bool(hits[0] == 1))
+            p5.append(np.count_nonzero(hits <= 5) / 5.0)
+            p10.append(np.count_nonzero(hits <= 10) / 10.0)
+            chance.append(expected_random_ap(len(hits), int(gallery_sizes[r])))
             first_hit.append(int(hits[0]))
     n_queries = len(aps)
+    nan = float("nan")
     metrics = {
         "n_docs": n, "n_queries": n_queries, "n_skipped_queries": n - n_queries,
-        "map": float(np.mean(aps)) if aps else float("nan"),
-        "top1": float(np.mean(top1)) if aps else float("nan"),
-        "p_at_5": float(np.mean(p5)) if aps else float("nan"),
-        "p_at_10": float(np.mean(p10)) if aps else float("nan"),
-        "chance_map": float(np.mean(chance)) if aps else float("nan"),
-        "median_first_hit_rank": float(np.median(first_hit)) if aps else float("nan"),
+        "map": float(np.mean(aps)) if aps else nan,
+        "top1": float(np.mean(top1)) if aps else nan,
+        "p_at_5": float(np.mean(p5)) if aps else nan,
+        "p_at_10": float(np.mean(p10)) if aps else nan,
+        "chance_map": float(np.mean(chance)) if aps else nan,
+        "median_first_hit_rank": float(np.median(first_hit)) if aps else nan,
     }
-    rankings = pd.DataFrame(rank_rows)
-    return metrics, rankings
+    return metrics, pd.concat(parts, ignore_index=True)
 
 
 METRICS_COLUMNS = ["dataset", "features", "aggregation", "rerank", "n_docs", "n_queries", "n_skipped_queries",
