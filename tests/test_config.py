@@ -21,7 +21,7 @@ def test_defaults_are_filled_from_the_schema():
 @pytest.mark.parametrize("cfg,expected", [
     (base(preprocess={"windw": 41}),
      "unknown key 'preprocess.windw' (did you mean 'window'?). Allowed keys in 'preprocess': compare, k, method, window"),
-    (base(bogus=1), "unknown key 'bogus'. Allowed keys in the top level: datasets, experiments,"),
+    (base(bogus=1), "unknown key 'bogus'. Allowed keys in the top level: aggregation, datasets, experiments, features,"),
     (base(preprocess={"method": "niblack"}), "'preprocess.method' = 'niblack' is not allowed; allowed: otsu, sauvola"),
     (base(on_bad_input="ignore"), "'on_bad_input' = 'ignore' is not allowed; allowed: stop, skip"),
     (base(shard_size=0), "'shard_size' = 0 must be >= 1"),
