@@ -13,6 +13,7 @@ from writer_retrieval.config import (
     codebook_variant,
     features_variant,
     main_binarize_variant,
+    pretrain_variant,
     validate_config,
     vlad_variant,
 )
@@ -41,13 +42,27 @@ BINARIZE = {d: binarize_variants(config, d) for d in config["datasets"]}
 FEATURES = {d: dict(features_variant(config, d, f) for f in config["features"]) for d in config["datasets"]}
 CODEBOOK = {d: dict(codebook_variant(config, d, f) for f in config["features"]) for d in config["datasets"]}
 VLAD = {d: dict(vlad_variant(config, d, f) for f in config["features"]) for d in config["datasets"]}
-DESCRIPTORS = {d: dict(descriptors_variant(config, d, f) for f in config["features"]) for d in config["datasets"]}
+DESCRIPTORS = {
+    d: dict(descriptors_variant(config, d, f, a) for f in config["features"] for a in config["features"][f]["aggregations"])
+    for d in config["datasets"]
+}
+PRETRAIN = {d: dict(v for f in config["features"] if (v := pretrain_variant(config, d, f))) for d in config["datasets"]}
 GRID = experiment_grid(config)
 EXPERIMENTS = {(e["dataset"], e["folder"]): e for e in GRID}
 
 
 def has_ground_truth(dataset):
     return config["datasets"][dataset]["adapter"] == "synthetic"
+
+
+def feature_kind(dataset, fvariant):
+    return FEATURES[dataset][fvariant]["kind"]
+
+
+def variants_of_kind(kind):
+    """Regex alternatives of the feature folders of one kind (rules producing them are kind-specific)."""
+    names = sorted({v for d in FEATURES for v, s in FEATURES[d].items() if s["kind"] == kind})
+    return "|".join(map(re.escape, names)) or "(?!)"
 
 
 def shard_ids(dataset):
@@ -63,17 +78,20 @@ def shard_ids(dataset):
 wildcard_constraints:
     dataset="|".join(map(re.escape, config["datasets"])),
     variant=r"[a-z0-9+]+-[0-9a-f]{10}",
-    fvariant=r"[A-Za-z0-9_.]+-[0-9a-f]{10}",
-    cvariant=r"[A-Za-z0-9_.]+-[0-9a-f]{10}",
-    vvariant=r"[A-Za-z0-9_.]+-[0-9a-f]{10}",
-    dvariant=r"[A-Za-z0-9_.]+-vlad-[0-9a-f]{10}",
-    experiment=r"[A-Za-z0-9_.]+-vlad-[a-z]+-[0-9a-f]{10}",
+    fvariant=r"[A-Za-z0-9_.-]+-[0-9a-f]{10}",
+    cvariant=r"[A-Za-z0-9_.-]+-[0-9a-f]{10}",
+    vvariant=r"[A-Za-z0-9_.-]+-[0-9a-f]{10}",
+    pvariant=r"[a-z0-9_]+-[0-9a-f]{10}",
+    dvariant=r"[A-Za-z0-9_.-]+-(vlad|sum)-[0-9a-f]{10}",
+    experiment=r"[A-Za-z0-9_.-]+-(vlad|sum)-[a-z]+-[0-9a-f]{10}",
     shard=r"\d{4}",
 
 
 include: "rules/dataset.smk"
 include: "rules/binarize.smk"
 include: "rules/features.smk"
+include: "rules/pretrain.smk"
+include: "rules/embed.smk"
 include: "rules/vlad.smk"
 include: "rules/pca.smk"
 include: "rules/retrieval.smk"

@@ -6,6 +6,8 @@ def main_masks(wc):
 
 
 rule features_shard:
+    wildcard_constraints:
+        fvariant=variants_of_kind("sift"),
     input:
         index=f"{RESULTS}/{{dataset}}/index.parquet",
         masks=main_masks,

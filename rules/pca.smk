@@ -1,16 +1,21 @@
-# Stage 5: PCA whitening of the VLAD vectors -> descriptors.parquet (one vector per page).
+# Stage 5: one vector per page (VLAD of local descriptors, or sum-pooled window [CLS] tokens),
+# PCA-whitened -> descriptors.parquet.
 
 
-def vlad_shards(wc, suffix):
-    vvariant = DESCRIPTORS[wc.dataset][wc.dvariant]["vlad"]
-    return [f"{RESULTS}/{wc.dataset}/vlad/{vvariant}/shards/{s}.{suffix}" for s in shard_ids(wc.dataset)]
+def pooled_inputs(wc, what):
+    settings = DESCRIPTORS[wc.dataset][wc.dvariant]
+    if settings["aggregation"] == "vlad":
+        suffix = {"vectors": "npy", "doc_ids": "parquet"}[what]
+        return [f"{RESULTS}/{wc.dataset}/vlad/{settings['vlad']}/shards/{s}.{suffix}" for s in shard_ids(wc.dataset)]
+    suffix = {"vectors": "cls.npy", "doc_ids": "parquet"}[what]
+    return [f"{RESULTS}/{wc.dataset}/features/{settings['features']}/shards/{s}.{suffix}" for s in shard_ids(wc.dataset)]
 
 
 rule descriptors:
     input:
         index=f"{RESULTS}/{{dataset}}/index.parquet",
-        vectors=lambda wc: vlad_shards(wc, "npy"),
-        doc_ids=lambda wc: vlad_shards(wc, "parquet"),
+        vectors=lambda wc: pooled_inputs(wc, "vectors"),
+        doc_ids=lambda wc: pooled_inputs(wc, "doc_ids"),
     output:
         descriptors=f"{RESULTS}/{{dataset}}/descriptors/{{dvariant}}/descriptors.parquet",
         info=f"{RESULTS}/{{dataset}}/descriptors/{{dvariant}}/pca.json",

@@ -11,9 +11,11 @@ rule report:
         rankings=experiment_files("rankings.parquet"),
         indexes=[f"{RESULTS}/{e['dataset']}/index.parquet" for e in GRID],
         quality=[f"{RESULTS}/{d}/binarize/quality_summary.parquet" for d in DATASETS if has_ground_truth(d)],
+        training=[f"{RESULTS}/{d}/pretrain/{p}/log.parquet" for d in DATASETS for p in PRETRAIN[d]],
     output:
         benchmark=report(f"{RESULTS}/benchmark.parquet", category="Benchmark"),
         chart=report(f"{RESULTS}/report/benchmark.png", category="Benchmark", caption="../report/benchmark.rst"),
+        losses=report(f"{RESULTS}/report/pretraining.png", category="Pretraining"),
         html=f"{RESULTS}/report.html",
     params:
         grid=[{"dataset": e["dataset"], "folder": e["folder"]} for e in GRID],

@@ -2,12 +2,21 @@
 import numpy as np
 import pandas as pd
 
+from writer_retrieval.embed import sum_pooled_cls
 from writer_retrieval.logs import stage_logging
 from writer_retrieval.pca import whiten
 
 if __name__ == "__main__":
     sm = snakemake
+    settings = dict(sm.params.settings)
     with stage_logging(sm.log[0], sm.rule):
-        vectors = np.concatenate([np.load(p) for p in sm.input.vectors])
-        doc_ids = pd.concat([pd.read_parquet(p) for p in sm.input.doc_ids]).doc_id.tolist()
-        whiten(doc_ids, vectors, sm.input.index, dict(sm.params.settings), sm.output.descriptors, sm.output.info)
+        if settings["aggregation"] == "vlad":
+            vectors = np.concatenate([np.load(p) for p in sm.input.vectors])
+            doc_ids = pd.concat([pd.read_parquet(p) for p in sm.input.doc_ids]).doc_id.tolist()
+        else:
+            pooled = {}
+            for cls_path, index_path in zip(sm.input.vectors, sm.input.doc_ids):
+                pooled.update(sum_pooled_cls(cls_path, index_path))
+            doc_ids = list(pooled)
+            vectors = np.stack([pooled[d] for d in doc_ids])
+        whiten(doc_ids, vectors, sm.input.index, settings, sm.output.descriptors, sm.output.info)

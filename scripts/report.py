@@ -2,7 +2,7 @@
 import pandas as pd
 
 from writer_retrieval.logs import stage_logging
-from writer_retrieval.report import bar_chart, collect_benchmark, write_report
+from writer_retrieval.report import bar_chart, collect_benchmark, loss_curves, write_report
 
 if __name__ == "__main__":
     sm = snakemake
@@ -16,4 +16,7 @@ if __name__ == "__main__":
             dataset = path.split("/")[-3]
             extra[f"{dataset}: binarization quality against ground truth"] = pd.read_parquet(path).to_html(
                 index=False, border=0, float_format=lambda v: f"{v:.4f}")
-        write_report(sm.output.benchmark, sm.output.chart, experiments, dict(sm.params.settings), sm.output.html, extra)
+        runs = {"/".join(p.split("/")[-4:-1:2]): p for p in sm.input.training}  # "<dataset>/<run>"
+        loss_curves(runs, sm.output.losses)
+        write_report(sm.output.benchmark, sm.output.chart, experiments, dict(sm.params.settings), sm.output.html,
+                     extra, loss_chart=sm.output.losses if runs else None)

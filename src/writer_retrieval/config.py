@@ -215,12 +215,28 @@ def vlad_variant(config: dict, dataset: str, features: str) -> tuple[str, dict]:
     return _variant(features, "vlad", settings)
 
 
-def descriptors_variant(config: dict, dataset: str, features: str) -> tuple[str, dict]:
-    """Folder of descriptors.parquet: '<features>-vlad-<hash>' (VLAD + PCA whitening)."""
+def pretrain_variant(config: dict, dataset: str, features: str) -> tuple[str, dict] | None:
+    """Folder '<method>-<hash>' of a ViT's pretraining run, or None for an untrained (random) backbone.
+
+    Feature extractors that differ only in how they embed share one pretraining run."""
+    feat = config["features"][features]
+    if feat["kind"] != "vit" or feat["pretrain"]["method"] == "none":
+        return None
+    settings = {**feat["pretrain"], "model": feat["model"], "seed": feat["seed"],
+                "binarize": main_binarize_variant(config, dataset)}
+    return _variant(feat["pretrain"]["method"], "pretrain", settings)
+
+
+def descriptors_variant(config: dict, dataset: str, features: str, aggregation: str = "vlad") -> tuple[str, dict]:
+    """Folder of descriptors.parquet: '<features>-<aggregation>-<hash>' (VLAD or sum pooling, then PCA)."""
     agg = config["aggregation"]
     settings = {k: agg[k] for k in PCA_KEYS}
-    settings["vlad"] = vlad_variant(config, dataset, features)[0]
-    return _variant(f"{features}-vlad", "descriptors", settings)
+    settings["aggregation"] = aggregation
+    if aggregation == "vlad":
+        settings["vlad"] = vlad_variant(config, dataset, features)[0]
+    else:
+        settings["features"] = features_variant(config, dataset, features)[0]
+    return _variant(f"{features}-{aggregation}", "descriptors", settings)
 
 
 def experiment_grid(config: dict) -> list[dict]:
@@ -228,15 +244,16 @@ def experiment_grid(config: dict) -> list[dict]:
     grid, seen = [], set()
     for exp in config["experiments"]:
         for features in exp["features"]:
-            for rerank in exp["rerank"]:
-                desc, _ = descriptors_variant(config, exp["dataset"], features)
-                settings = {"descriptors": desc, "rerank": rerank, "exclude_same": exp["exclude_same"],
-                            "top_k": config["retrieval"]["top_k"]}
-                folder, _ = _variant(f"{desc.rsplit('-', 1)[0]}-{rerank}", "experiment", settings)
-                if (exp["dataset"], folder) in seen:
-                    continue
-                seen.add((exp["dataset"], folder))
-                grid.append({"dataset": exp["dataset"], "features": features, "aggregation": "vlad",
-                             "rerank": rerank, "descriptors": desc, "folder": folder,
-                             "settings_hash": folder.rsplit("-", 1)[1], "settings": settings})
+            for aggregation in config["features"][features]["aggregations"]:
+                for rerank in exp["rerank"]:
+                    desc, _ = descriptors_variant(config, exp["dataset"], features, aggregation)
+                    settings = {"descriptors": desc, "rerank": rerank, "exclude_same": exp["exclude_same"],
+                                "top_k": config["retrieval"]["top_k"]}
+                    folder, _ = _variant(f"{features}-{aggregation}-{rerank}", "experiment", settings)
+                    if (exp["dataset"], folder) in seen:
+                        continue
+                    seen.add((exp["dataset"], folder))
+                    grid.append({"dataset": exp["dataset"], "features": features, "aggregation": aggregation,
+                                 "rerank": rerank, "descriptors": desc, "folder": folder,
+                                 "settings_hash": folder.rsplit("-", 1)[1], "settings": settings})
     return grid

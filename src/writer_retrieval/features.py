@@ -89,8 +89,10 @@ def load_descriptors(npy_path, shard_index_path) -> dict[str, np.ndarray]:
 
 
 def merge_stats(stats_paths, out_path) -> pd.DataFrame:
+    """Concatenate the per-shard stats tables (SIFT counts or ViT window/token counts)."""
     table = pd.concat([pd.read_parquet(p) for p in stats_paths], ignore_index=True)
     write_parquet(table, out_path)
-    per_split = table.groupby("split")[["n_keypoints", "n_descriptors"]].agg(["mean", "min", "max"])
-    log.info("SIFT on %d pages (%.2f s/page):\n%s", len(table), table.seconds.mean(), per_split.to_string())
+    counts = [c for c in table.columns if c.startswith("n_")]
+    per_split = table.groupby("split")[counts].agg(["mean", "min", "max"])
+    log.info("%d pages (%.2f s/page):\n%s", len(table), table.seconds.mean(), per_split.to_string())
     return table

@@ -52,6 +52,25 @@ def bar_chart(table: pd.DataFrame, path) -> None:
     plt.close(fig)
 
 
+def loss_curves(logs: dict[str, str], path) -> None:
+    """Training loss per epoch of every pretraining run ({label: log.parquet})."""
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    for label, log_path in logs.items():
+        table = pd.read_parquet(log_path)
+        ax.plot(table.epoch, table.loss, marker="o", ms=3, label=f"{label} total")
+        for part in ("loss_cls", "loss_patch"):
+            if part in table:
+                ax.plot(table.epoch, table[part], ls="--", lw=1, label=f"{label} {part[5:]}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title("Self-supervised pretraining")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
 def _thumbnail(path: str, height: int, colour: str | None) -> str:
     gray = load_gray(path)
     im = Image.fromarray(gray)
@@ -91,7 +110,7 @@ td,th{padding:4px 8px;border-bottom:1px solid #ddd;text-align:right;font-size:13
 
 
 def write_report(benchmark_path, chart_path, experiments: list[dict], report_settings: dict, out_path,
-                 extra_tables: dict[str, str] | None = None) -> None:
+                 extra_tables: dict[str, str] | None = None, loss_chart=None) -> None:
     """experiments: dicts with dataset, folder, rankings (path), index (path)."""
     table = pd.read_parquet(benchmark_path)
     shown = table.drop(columns=["settings_hash"]).copy()
@@ -105,6 +124,9 @@ def write_report(benchmark_path, chart_path, experiments: list[dict], report_set
              "mAP, Top-1, P@k and the expected mAP of a random ranking (chance) are in %.</p>",
              shown.to_html(index=False, escape=True, border=0),
              f"<p><img src='data:image/png;base64,{chart}'></p>"]
+    if loss_chart:
+        curve = base64.b64encode(Path(loss_chart).read_bytes()).decode()
+        parts += ["<h2>Pretraining</h2>", f"<p><img src='data:image/png;base64,{curve}'></p>"]
     for title, fragment in (extra_tables or {}).items():
         parts += [f"<h2>{html.escape(title)}</h2>", fragment]
     by_dataset: dict[str, dict] = {}

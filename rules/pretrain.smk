@@ -1,0 +1,37 @@
+# Stage 4a: self-supervised pretraining of a ViT backbone (AttMask) on the train split's binarized pages.
+# GPU when present (resources gpu=1 lets a SLURM profile route it); gpus > 1 runs torch DDP via torchrun.
+# A killed run resumes from checkpoint.pt (kept beside the outputs) when the job is started again.
+
+
+def pretrain_settings(wc):
+    return PRETRAIN[wc.dataset][wc.pvariant]
+
+
+def pretrain_feature(wc):
+    """The settings of a ViT feature extractor that uses this pretraining run (device, gpus)."""
+    for name, feat in config["features"].items():
+        variant = pretrain_variant(config, wc.dataset, name)
+        if variant and variant[0] == wc.pvariant:
+            return feat
+    raise ValueError(f"no feature extractor uses pretraining run {wc.pvariant}")
+
+
+rule pretrain:
+    input:
+        index=f"{RESULTS}/{{dataset}}/index.parquet",
+        masks=main_masks,
+    output:
+        backbone=f"{RESULTS}/{{dataset}}/pretrain/{{pvariant}}/backbone.pt",
+        log=f"{RESULTS}/{{dataset}}/pretrain/{{pvariant}}/log.parquet",
+    params:
+        settings=pretrain_settings,
+        device=lambda wc: pretrain_feature(wc)["device"],
+        gpus=lambda wc: pretrain_feature(wc)["gpus"],
+        out_dir=lambda wc: f"{RESULTS}/{wc.dataset}/pretrain/{wc.pvariant}",
+    threads: 8
+    resources:
+        gpu=lambda wc: pretrain_feature(wc)["gpus"] if pretrain_feature(wc)["device"] != "cpu" else 0,
+    log:
+        f"{RESULTS}/{{dataset}}/logs/pretrain/{{pvariant}}.log",
+    script:
+        "../scripts/pretrain.py"

@@ -1,0 +1,31 @@
+"""Glue for rule `pretrain`: see writer_retrieval.pretrain.pretrain (torchrun for several GPUs)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from writer_retrieval.logs import stage_logging
+from writer_retrieval.pretrain import pretrain
+
+if __name__ == "__main__":
+    sm = snakemake
+    torch.set_num_threads(sm.threads)
+    with stage_logging(sm.log[0], sm.rule):
+        index = pd.read_parquet(sm.input.index)
+        masks = pd.read_parquet(sm.input.masks).set_index("doc_id")
+        train = masks.loc[index.loc[index.split == "train", "doc_id"], "mask_path"].tolist()
+        settings = dict(sm.params.settings)
+        if sm.params.gpus > 1:
+            out = Path(sm.params.out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "masks.txt").write_text("\n".join(train) + "\n")
+            (out / "settings.json").write_text(json.dumps(settings))
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={sm.params.gpus}",
+                            "-m", "writer_retrieval.pretrain", "--masks-list", str(out / "masks.txt"),
+                            "--settings", str(out / "settings.json"), "--out", str(out), "--device", sm.params.device],
+                           check=True)
+        else:
+            pretrain(train, settings, sm.params.out_dir, device=sm.params.device)
