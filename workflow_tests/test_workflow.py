@@ -169,3 +169,28 @@ def test_truncated_jpeg_in_a_dataset_folder_stops_with_its_name(tmp_path):
     assert proc.returncode != 0
     assert "2-IMG_MAX_4.jpg: truncated" in proc.stderr
     assert not (tmp_path / "results/mine/index.parquet").exists()
+
+
+def test_vit_features_pretrain_embed_and_aggregate(tmp_path):
+    proc = snakemake(tmp_path, REPO / "configs" / "tiny-vit.yaml")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = tmp_path / "results"
+    bench = pd.read_parquet(res / "benchmark.parquet")
+    rows = set(zip(bench.features, bench.aggregation))
+    assert rows == {("random-vit", "vlad"), ("random-vit", "sum"), ("attmask-vit", "vlad"), ("attmask-vit", "sum"),
+                    ("attmask-vit-l2", "vlad")}
+    assert (bench.n_queries == 18).all() and bench["map"].notna().all()
+    # One pretraining run serves both AttMask extractors (they differ only in how they embed).
+    (run,) = res.glob("tiny/pretrain/attmask-*")
+    log = pd.read_parquet(run / "log.parquet")
+    assert list(log.epoch) == [1, 2] and np.isfinite(log.loss).all()
+    assert (run / "backbone.pt").exists() and (run / "checkpoint.pt").exists()
+    # Foreground tokens stored as float16 with their index; the 2-layer mean keeps the width.
+    (shard_index,) = res.glob("tiny/features/attmask-vit-[0-9a-f]*/shards/0000.parquet")
+    index = pd.read_parquet(shard_index)
+    assert list(index.columns[:4]) == ["doc_id", "n_tokens", "shard", "offset"] and (index.n_tokens > 0).all()
+    tokens = np.load(shard_index.with_name("0000.tokens.npy"))
+    assert tokens.dtype == np.float16 and tokens.shape == (index.n_tokens.sum(), 32)
+    (l2,) = res.glob("tiny/features/attmask-vit-l2-*/shards/0000.tokens.npy")
+    assert np.load(l2).shape[1] == 32
+    assert "Pretraining" in (res / "report.html").read_text()
