@@ -83,7 +83,8 @@ wildcard_constraints:
     vvariant=r"[A-Za-z0-9_.-]+-[0-9a-f]{10}",
     pvariant=r"[a-z0-9_]+-[0-9a-f]{10}",
     dvariant=r"[A-Za-z0-9_.-]+-(vlad|sum)-[0-9a-f]{10}",
-    experiment=r"[A-Za-z0-9_.-]+-(vlad|sum)-[a-z]+-[0-9a-f]{10}",
+    experiment=r"[A-Za-z0-9_.-]+-(vlad|sum)-[A-Za-z0-9_.]+-[0-9a-f]{10}",
+    rvariant=r"[A-Za-z0-9_.-]+-(vlad|sum)-[A-Za-z0-9_.]+-[0-9a-f]{10}",
     shard=r"\d{4}",
 
 
@@ -94,6 +95,7 @@ include: "rules/pretrain.smk"
 include: "rules/embed.smk"
 include: "rules/vlad.smk"
 include: "rules/pca.smk"
+include: "rules/rerank.smk"
 include: "rules/retrieval.smk"
 include: "rules/report.smk"
 

@@ -6,6 +6,9 @@ rule retrieval:
         index=f"{RESULTS}/{{dataset}}/index.parquet",
         descriptors=lambda wc: f"{RESULTS}/{wc.dataset}/descriptors/{EXPERIMENTS[(wc.dataset, wc.experiment)]['descriptors']}/descriptors.parquet",
         pca=lambda wc: f"{RESULTS}/{wc.dataset}/descriptors/{EXPERIMENTS[(wc.dataset, wc.experiment)]['descriptors']}/pca.json",
+        reranked=lambda wc: [f"{RESULTS}/{wc.dataset}/rerank/{r}/reranked.npz"]
+        if (r := EXPERIMENTS[(wc.dataset, wc.experiment)]["reranked"])
+        else [],
     output:
         rankings=f"{RESULTS}/{{dataset}}/experiments/{{experiment}}/rankings.parquet",
         metrics=f"{RESULTS}/{{dataset}}/experiments/{{experiment}}/metrics.parquet",

@@ -85,7 +85,8 @@ def dry_run_jobs(workdir, tmp_path, change) -> dict[str, int]:
     return job_counts(proc.stdout + proc.stderr)
 
 
-DOWNSTREAM_OF_FEATURES = {"vlad_codebook": 1, "vlad_shard": 4, "descriptors": 1, "retrieval": 1, "report": 1, "all": 1}
+DOWNSTREAM_OF_FEATURES = {"vlad_codebook": 1, "vlad_shard": 4, "descriptors": 1, "rerank": 3, "retrieval": 4,
+                          "report": 1, "all": 1}
 
 
 def test_changing_a_binarizer_setting_reruns_that_binarizer_and_what_follows(tiny_run, tmp_path):
@@ -97,12 +98,18 @@ def test_changing_a_binarizer_setting_reruns_that_binarizer_and_what_follows(tin
 
 def test_changing_the_vlad_power_keeps_features_and_codebook(tiny_run, tmp_path):
     jobs = dry_run_jobs(tiny_run, tmp_path, lambda c: c["aggregation"].update(power=0.3))
-    assert jobs == {"vlad_shard": 4, "descriptors": 1, "retrieval": 1, "report": 1, "all": 1}
+    assert jobs == {"vlad_shard": 4, "descriptors": 1, "rerank": 3, "retrieval": 4, "report": 1, "all": 1}
 
 
 def test_changing_pca_dims_reruns_only_whitening_and_scoring(tiny_run, tmp_path):
     jobs = dry_run_jobs(tiny_run, tmp_path, lambda c: c["aggregation"].update(pca_dims=8))
-    assert jobs == {"descriptors": 1, "retrieval": 1, "report": 1, "all": 1}
+    assert jobs == {"descriptors": 1, "rerank": 3, "retrieval": 4, "report": 1, "all": 1}
+
+
+def test_changing_a_rerankers_parameter_reruns_only_reranking_and_scoring(tiny_run, tmp_path):
+    rerankers = {"krnn": {"method": "krnn"}, "sgr": {"method": "sgr", "gamma": 0.7}, "gnn": {"method": "gnn"}}
+    jobs = dry_run_jobs(tiny_run, tmp_path, lambda c: c.update(rerank=rerankers))
+    assert jobs == {"rerank": 1, "retrieval": 1, "report": 1, "all": 1}
 
 
 def test_benchmark_outputs_and_schemas(tiny_run):
@@ -135,7 +142,9 @@ def test_benchmark_outputs_and_schemas(tiny_run):
     # 6 test writers x 3 pages: a random ranking scores about 0.25 mAP.
     assert 0.2 < row.chance_map < 0.3 and row["map"] > row.chance_map + 0.3
     bench = pd.read_parquet(res / "benchmark.parquet")
-    assert len(bench) == 1 and bench["map"].iloc[0] == row["map"]
+    assert sorted(bench.rerank) == ["gnn", "krnn", "none", "sgr"]
+    assert bench.loc[bench.rerank == "none", "map"].item() == row["map"]
+    assert (bench["map"] > bench.chance_map + 0.3).all()
     html_text = (res / "report.html").read_text()
     assert "<table" in html_text and "data:image/png;base64" in html_text and "example queries" in html_text
     assert html_text.count("data:image/jpeg;base64") == 3 * 6  # 3 queries x (query + top 5)

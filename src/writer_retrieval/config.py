@@ -122,6 +122,10 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
                 messages.append(f"'datasets.{name}.train_writers' = {ds['train_writers']} must be smaller than "
                                 f"'datasets.{name}.writers' = {ds['writers']} (the test split needs writers)")
         for i, exp in enumerate(filled["experiments"]):
+            for name in exp["rerank"]:
+                if name != "none" and name not in filled["rerank"]:
+                    messages.append(f"'experiments[{i}].rerank' names {name!r}, which is neither 'none' nor a key "
+                                    f"of 'rerank'; allowed: none, {', '.join(sorted(filled['rerank']))}")
             exp.setdefault("features", sorted(filled["features"]))
             for name in exp["features"]:
                 if name not in filled["features"]:
@@ -247,13 +251,17 @@ def experiment_grid(config: dict) -> list[dict]:
             for aggregation in config["features"][features]["aggregations"]:
                 for rerank in exp["rerank"]:
                     desc, _ = descriptors_variant(config, exp["dataset"], features, aggregation)
-                    settings = {"descriptors": desc, "rerank": rerank, "exclude_same": exp["exclude_same"],
-                                "top_k": config["retrieval"]["top_k"]}
+                    reranked = None
+                    if rerank != "none":
+                        reranked, _ = _variant(f"{features}-{aggregation}-{rerank}", "rerank",
+                                               {"descriptors": desc, **config["rerank"][rerank]})
+                    settings = {"descriptors": desc, "rerank": rerank, "reranked": reranked,
+                                "exclude_same": exp["exclude_same"], "top_k": config["retrieval"]["top_k"]}
                     folder, _ = _variant(f"{features}-{aggregation}-{rerank}", "experiment", settings)
                     if (exp["dataset"], folder) in seen:
                         continue
                     seen.add((exp["dataset"], folder))
                     grid.append({"dataset": exp["dataset"], "features": features, "aggregation": aggregation,
-                                 "rerank": rerank, "descriptors": desc, "folder": folder,
+                                 "rerank": rerank, "descriptors": desc, "reranked": reranked, "folder": folder,
                                  "settings_hash": folder.rsplit("-", 1)[1], "settings": settings})
     return grid

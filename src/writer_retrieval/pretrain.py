@@ -869,7 +869,9 @@ def pretrain(page_masks: list[str], settings: dict, out_dir, *, device: str = "a
             loader = torch.utils.data.DataLoader(
                 subset, batch_size=bs, sampler=sampler, num_workers=int(s["num_workers"]),
                 drop_last=drop_last, pin_memory=(dev.type == "cuda"), worker_init_fn=_worker_init,
-                persistent_workers=False)
+                persistent_workers=False,
+                # forked workers deadlock once the parent's OpenMP/BLAS thread pools are running
+                multiprocessing_context="forkserver" if int(s["num_workers"]) > 0 else None)
             trainer.student.train()
             trainer.teacher.eval()  # the teacher never uses drop path
             t0 = time.perf_counter()

@@ -14,6 +14,7 @@ import faiss
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import scipy.sparse as sp
 
 from .storage import write_parquet
 
@@ -55,10 +56,23 @@ def evaluate(x: np.ndarray, writers, pages=None, exclude_same: str = "none", top
     """Leave-one-out retrieval on L2-normalised rows of `x`.
 
     Returns (metrics dict, rankings DataFrame of the top-k per query). Ranks of the relevant
-    documents are counted exactly against the whole gallery (no full sort needed).
+    documents are counted exactly against the whole gallery (no full sort needed). `x` may be
+    a scipy.sparse matrix (GNN rows) or anything with .shape and .scores(a, b) (SGR rows).
     """
-    x = np.ascontiguousarray(x, np.float32)
-    n = len(x)
+    if hasattr(x, "scores"):  # sparse + low-rank rows (SGR)
+        block_scores = x.scores
+    elif sp.issparse(x):
+        x = sp.csr_matrix(x, dtype=np.float32)
+        xt = x.T.tocsc()
+
+        def block_scores(a, b):
+            return (x[a:b] @ xt).toarray()
+    else:
+        x = np.ascontiguousarray(x, np.float32)
+
+        def block_scores(a, b):
+            return faiss.pairwise_distances(x[a:b], x, faiss.METRIC_INNER_PRODUCT)
+    n = x.shape[0]
     writer_codes = pd.factorize(np.asarray(writers))[0]
     if exclude_same == "page":
         if pages is None:
@@ -69,7 +83,7 @@ def evaluate(x: np.ndarray, writers, pages=None, exclude_same: str = "none", top
     parts = []
     for start in range(0, n, block):
         stop = min(n, start + block)
-        scores = faiss.pairwise_distances(x[start:stop], x, faiss.METRIC_INNER_PRODUCT)
+        scores = block_scores(start, stop)
         rows = np.arange(stop - start)
         scores[rows, rows + start] = -np.inf  # the query itself, by index
         if exclude_same == "page":
@@ -118,21 +132,24 @@ METRICS_COLUMNS = ["dataset", "features", "aggregation", "rerank", "n_docs", "n_
 
 
 def run_experiment(descriptors_path, index_path, labels: dict, settings: dict, rankings_path, metrics_path,
-                   rerank=None) -> pd.DataFrame:
-    """Score one experiment on the test split; `rerank(x) -> x'` is applied before retrieval if given."""
+                   reranked_path=None) -> pd.DataFrame:
+    """Score one experiment on the test split, on the descriptors or on their reranked rows."""
     from .pca import read_descriptors
+    from .rerank import read_reranked
 
     start_time = time.perf_counter()
-    meta, x = read_descriptors(descriptors_path)
-    index = pd.read_parquet(index_path, columns=["doc_id", "page"]).set_index("doc_id")
-    test = (meta.split == "test").to_numpy()
-    meta, x = meta[test].reset_index(drop=True), x[test]
-    if len(meta) < 2:
+    index = pd.read_parquet(index_path, columns=["doc_id", "writer", "page"]).set_index("doc_id")
+    if reranked_path:
+        doc_ids, x = read_reranked(reranked_path)
+    else:
+        meta, x = read_descriptors(descriptors_path)
+        test = (meta.split == "test").to_numpy()
+        doc_ids, x = meta.doc_id[test].to_numpy(), x[test]
+    if len(doc_ids) < 2:
         raise ValueError(f"{descriptors_path}: fewer than 2 test documents; nothing to retrieve")
-    if rerank is not None:
-        x = rerank(x)
-    metrics, rankings = evaluate(x, meta.writer.to_numpy(), index.loc[meta.doc_id, "page"].to_numpy(),
-                                 settings["exclude_same"], settings["top_k"], doc_ids=meta.doc_id.to_numpy())
+    meta = index.loc[list(doc_ids)]
+    metrics, rankings = evaluate(x, meta.writer.to_numpy(), meta.page.to_numpy(), settings["exclude_same"],
+                                 settings["top_k"], doc_ids=np.asarray(doc_ids))
     write_parquet(rankings, rankings_path, RANKINGS_SCHEMA)
     row = {**labels, **metrics, "exclude_same": settings["exclude_same"],
            "seconds": time.perf_counter() - start_time}
