@@ -14,6 +14,8 @@ from writer_retrieval.config import (
     features_variant,
     main_binarize_variant,
     pretrain_variant,
+    segment_variant,
+    uses_sam,
     validate_config,
     vlad_variant,
 )
@@ -39,6 +41,7 @@ DATASETS = sorted({exp["dataset"] for exp in config["experiments"]})
 RESULTS = "results"
 # Folder name -> effective settings, per dataset and stage (names carry a hash of the settings).
 BINARIZE = {d: binarize_variants(config, d) for d in config["datasets"]}
+SEGMENT = {d: segment_variant(config, d) for d in config["datasets"]}
 FEATURES = {d: dict(features_variant(config, d, f) for f in config["features"]) for d in config["datasets"]}
 CODEBOOK = {d: dict(codebook_variant(config, d, f) for f in config["features"]) for d in config["datasets"]}
 VLAD = {d: dict(vlad_variant(config, d, f) for f in config["features"]) for d in config["datasets"]}
@@ -78,6 +81,7 @@ def shard_ids(dataset):
 wildcard_constraints:
     dataset="|".join(map(re.escape, config["datasets"])),
     variant=r"[a-z0-9+]+-[0-9a-f]{10}",
+    svariant=r"sam-[0-9a-f]{10}",
     fvariant=r"[A-Za-z0-9_.-]+-[0-9a-f]{10}",
     cvariant=r"[A-Za-z0-9_.-]+-[0-9a-f]{10}",
     vvariant=r"[A-Za-z0-9_.-]+-[0-9a-f]{10}",
@@ -89,6 +93,7 @@ wildcard_constraints:
 
 
 include: "rules/dataset.smk"
+include: "rules/segment.smk"
 include: "rules/binarize.smk"
 include: "rules/features.smk"
 include: "rules/pretrain.smk"
@@ -106,6 +111,7 @@ rule all:
         [f"{RESULTS}/{d}/index.parquet" for d in DATASETS],
         [f"{RESULTS}/{d}/binarize/{v}/stats.parquet" for d in DATASETS for v in BINARIZE[d]],
         [f"{RESULTS}/{d}/binarize/quality_summary.parquet" for d in DATASETS if has_ground_truth(d)],
+        [f"{RESULTS}/{d}/segment/{SEGMENT[d][0]}/segments.parquet" for d in DATASETS if uses_sam(config)],
         [f"{RESULTS}/{e['dataset']}/features/{features_variant(config, e['dataset'], e['features'])[0]}/stats.parquet"
          for e in GRID],
         f"{RESULTS}/benchmark.parquet",

@@ -20,6 +20,10 @@ rule pretrain:
     input:
         index=f"{RESULTS}/{{dataset}}/index.parquet",
         masks=main_masks,
+        # With SAM preprocessing, pages with too little writing are left out of pretraining.
+        segments=lambda wc: [f"{RESULTS}/{wc.dataset}/segment/{SEGMENT[wc.dataset][0]}/segments.parquet"]
+        if uses_sam(config)
+        else [],
     output:
         backbone=f"{RESULTS}/{{dataset}}/pretrain/{{pvariant}}/backbone.pt",
         log=f"{RESULTS}/{{dataset}}/pretrain/{{pvariant}}/log.parquet",

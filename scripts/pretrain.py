@@ -13,10 +13,15 @@ from writer_retrieval.pretrain import pretrain
 if __name__ == "__main__":
     sm = snakemake
     torch.set_num_threads(sm.threads)
-    with stage_logging(sm.log[0], sm.rule):
+    with stage_logging(sm.log[0], sm.rule) as log:
         index = pd.read_parquet(sm.input.index)
         masks = pd.read_parquet(sm.input.masks).set_index("doc_id")
-        train = masks.loc[index.loc[index.split == "train", "doc_id"], "mask_path"].tolist()
+        train_ids = index.loc[index.split == "train", "doc_id"]
+        if sm.input.segments:
+            kept = pd.read_parquet(sm.input.segments[0]).set_index("doc_id").kept
+            train_ids = train_ids[kept.loc[train_ids].to_numpy()]
+            log.info("pretraining on %d train pages with enough writing (SAM filter)", len(train_ids))
+        train = masks.loc[train_ids, "mask_path"].tolist()
         settings = dict(sm.params.settings)
         if sm.params.gpus > 1:
             out = Path(sm.params.out_dir)

@@ -11,7 +11,11 @@ def base(**over):
 
 def test_defaults_are_filled_from_the_schema():
     cfg = validate_config(base())
-    assert cfg["preprocess"] == {"method": "sauvola", "window": 51, "k": 0.2, "compare": []}
+    pre = cfg["preprocess"]
+    assert {k: pre[k] for k in ("method", "window", "k", "compare")} == {"method": "sauvola", "window": 51, "k": 0.2,
+                                                                         "compare": []}
+    assert pre["sam"]["model_type"] == "vit_t" and pre["sam"]["checkpoint"] is None
+    assert pre["sam"]["random_weights_for_testing"] is False  # the testing switch is never the default
     assert cfg["on_bad_input"] == "stop" and cfg["shard_size"] == 64
     demo = cfg["datasets"]["demo"]
     assert (demo["writers"], demo["train_writers"], demo["pages_per_writer"], demo["seed"]) == (40, 16, 4, 0)
@@ -20,9 +24,13 @@ def test_defaults_are_filled_from_the_schema():
 
 @pytest.mark.parametrize("cfg,expected", [
     (base(preprocess={"windw": 41}),
-     "unknown key 'preprocess.windw' (did you mean 'window'?). Allowed keys in 'preprocess': compare, k, method, window"),
+     "unknown key 'preprocess.windw' (did you mean 'window'?). Allowed keys in 'preprocess': compare, k, method, sam, window"),
     (base(bogus=1), "unknown key 'bogus'. Allowed keys in the top level: aggregation, datasets, experiments, features,"),
-    (base(preprocess={"method": "niblack"}), "'preprocess.method' = 'niblack' is not allowed; allowed: otsu, sauvola"),
+    (base(preprocess={"method": "niblack"}),
+     "'preprocess.method' = 'niblack' is not allowed; allowed: otsu, sauvola, sam, sam+otsu, sam+sauvola"),
+    (base(preprocess={"method": "sam+sauvola"}), "preprocess.sam.checkpoint"),
+    (base(preprocess={"method": "sam", "sam": {"checkpoint": "/nonexistent/mobile_sam.pt"}}), "/nonexistent/mobile_sam.pt"),
+    (base(preprocess={"sam": {"image_size": 256}}), "'preprocess.sam.image_size' is for testing with random weights only"),
     (base(on_bad_input="ignore"), "'on_bad_input' = 'ignore' is not allowed; allowed: stop, skip"),
     (base(shard_size=0), "'shard_size' = 0 must be >= 1"),
     (base(shard_size="big"), "'shard_size' = 'big' must be of type integer"),

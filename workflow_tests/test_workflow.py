@@ -203,3 +203,33 @@ def test_vit_features_pretrain_embed_and_aggregate(tmp_path):
     (l2,) = res.glob("tiny/features/attmask-vit-l2-*/shards/0000.tokens.npy")
     assert np.load(l2).shape[1] == 32
     assert "Pretraining" in (res / "report.html").read_text()
+
+
+def test_sam_without_checkpoint_stops_before_any_job(tmp_path):
+    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    cfg["preprocess"] = {"method": "sam"}
+    path = tmp_path / "sam.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, path)
+    assert proc.returncode != 0
+    assert "preprocess.sam.checkpoint" in proc.stderr and "mobile_sam.pt" in proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_sam_preprocessing_with_random_weights_end_to_end(tmp_path):
+    proc = snakemake(tmp_path, REPO / "configs" / "tiny-sam.yaml")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = tmp_path / "results" / "tiny"
+    (segments,) = res.glob("segment/sam-*/segments.parquet")
+    table = pd.read_parquet(segments)
+    assert len(table) == 30 and table.reason.str.len().gt(0).all()
+    assert table.region_area_ratio.between(0, 1).all() and table.kept.dtype == bool
+    assert len(list(segments.parent.glob("regions/*.png"))) == 30 and len(list(segments.parent.glob("pages/*.png"))) == 30
+    summary = pd.read_parquet(res / "binarize" / "quality_summary.parquet")
+    assert sorted(summary.method) == ["sam+sauvola", "sauvola"]
+    # Ink of sam+sauvola lies inside the SAM region.
+    (stats,) = res.glob("binarize/sam+sauvola-*/stats.parquet")
+    first = pd.read_parquet(stats).iloc[0]
+    region = read_mask(segments.parent / "regions" / f"{first.doc_id}.png")
+    assert not (read_mask(tmp_path / first.mask_path) & ~region).any()
+    assert (tmp_path / "results" / "benchmark.parquet").exists()

@@ -31,9 +31,16 @@ STATS_COLUMNS = ["doc_id", "writer", "split", "mask_path", "method", "ink_ratio"
 QUALITY_COLUMNS = ["doc_id", "writer", "split", "method", "f_measure", "precision", "recall", "psnr"]
 
 
-def binarize_page(gray: np.ndarray, settings: dict) -> tuple[np.ndarray, float]:
-    """Ink mask (True = ink, dark on light paper) and the mean threshold used."""
+def binarize_page(gray: np.ndarray, settings: dict, region: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Ink mask (True = ink, dark on light paper) and the mean threshold used.
+
+    sam+X methods: the binarizer X's ink inside the page `region` (Segment Anything)."""
     method = settings["method"]
+    if method.startswith("sam"):
+        if region is None:
+            raise ValueError(f"{method} needs the page region from the segment stage")
+        ink, threshold = binarize_page(gray, settings["binarizer"])
+        return ink & region, threshold
     if method == "otsu":
         t = threshold_otsu(gray)
         return gray <= t, float(t)
@@ -67,8 +74,9 @@ def n_shards(n_docs: int, shard_size: int) -> int:
     return max(1, -(-n_docs // shard_size))
 
 
-def binarize_shard(index_path, shard: int, shard_size: int, settings: dict, masks_dir, out_path) -> pd.DataFrame:
-    """Binarize one shard of the index; write masks and the shard's table."""
+def binarize_shard(index_path, shard: int, shard_size: int, settings: dict, masks_dir, out_path,
+                   regions_dir=None) -> pd.DataFrame:
+    """Binarize one shard of the index; write masks and the shard's table (regions: sam+X methods)."""
     index = pd.read_parquet(index_path)
     rows = shard_rows(index, shard, shard_size)
     masks_dir = Path(masks_dir)
@@ -77,7 +85,8 @@ def binarize_shard(index_path, shard: int, shard_size: int, settings: dict, mask
                     unit="page", mininterval=2):
         start = time.perf_counter()
         gray = load_gray(doc.path)
-        mask, threshold = binarize_page(gray, settings)
+        region = read_mask(Path(regions_dir) / f"{doc.doc_id}.png") if regions_dir else None
+        mask, threshold = binarize_page(gray, settings, region)
         mask_path = masks_dir / f"{doc.doc_id}.png"
         write_mask(mask_path, mask)
         rec = {"doc_id": doc.doc_id, "writer": doc.writer, "split": doc.split, "mask_path": str(mask_path),

@@ -132,6 +132,16 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
                     messages.append(f"'experiments[{i}].features' names {name!r}, which is not a key of 'features'; "
                                     f"allowed: {', '.join(sorted(filled['features']))}")
         pre = filled["preprocess"]
+        sam = pre["sam"]
+        if uses_sam(filled) and not sam["random_weights_for_testing"]:
+            from .segment import check_checkpoint  # a missing checkpoint stops the run before any job
+
+            try:
+                check_checkpoint(sam["model_type"], sam["checkpoint"])
+            except InputError as exc:
+                messages.append(str(exc))
+        if sam["image_size"] is not None and not sam["random_weights_for_testing"]:
+            messages.append("'preprocess.sam.image_size' is for testing with random weights only; remove it")
         if pre["window"] % 2 == 0:
             messages.append(f"'preprocess.window' = {pre['window']} must be odd")
     if messages:
@@ -161,7 +171,21 @@ def binarize_settings(preprocess: dict, method: str) -> dict:
         return {"method": "otsu"}
     if method == "sauvola":
         return {"method": "sauvola", "window": preprocess["window"], "k": preprocess["k"]}
-    raise ConfigError(f"unknown binarization method {method!r}; allowed: otsu, sauvola")
+    if method in ("sam", "sam+otsu", "sam+sauvola"):
+        inner = "sauvola" if method == "sam+sauvola" else "otsu"
+        return {"method": method, "binarizer": binarize_settings(preprocess, inner)}
+    raise ConfigError(f"unknown binarization method {method!r}; allowed: otsu, sauvola, sam, sam+otsu, sam+sauvola")
+
+
+def uses_sam(config: dict) -> bool:
+    pre = config["preprocess"]
+    return any(m.startswith("sam") for m in [pre["method"], *pre["compare"]])
+
+
+def segment_variant(config: dict, dataset: str) -> tuple[str, dict]:
+    """Folder 'sam-<hash>' of the Segment-Anything page regions of a dataset."""
+    settings = {**config["preprocess"]["sam"], "dataset_hash": dataset_hash(config, dataset)}
+    return f"sam-{settings_hash('segment', settings)}", settings
 
 
 def dataset_hash(config: dict, dataset: str) -> str:
@@ -179,6 +203,8 @@ def binarize_variants(config: dict, dataset: str) -> dict[str, dict]:
     for method in [pre["method"], *[m for m in pre["compare"] if m != pre["method"]]]:
         settings = binarize_settings(pre, method)
         settings["dataset_hash"] = dataset_hash(config, dataset)
+        if method.startswith("sam"):
+            settings["segment"] = segment_variant(config, dataset)[0]
         variants[f"{method}-{settings_hash('binarize', settings)}"] = settings
     return variants
 
@@ -228,6 +254,8 @@ def pretrain_variant(config: dict, dataset: str, features: str) -> tuple[str, di
         return None
     settings = {**feat["pretrain"], "model": feat["model"], "seed": feat["seed"],
                 "binarize": main_binarize_variant(config, dataset)}
+    if uses_sam(config):  # SAM's writing-amount filter chooses the training pages
+        settings["segment"] = segment_variant(config, dataset)[0]
     return _variant(feat["pretrain"]["method"], "pretrain", settings)
 
 
