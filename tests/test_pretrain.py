@@ -52,9 +52,9 @@ def pages(tmp_path_factory):
 
 
 def fixed_batch(paths, s, n=8):
-    s = P._settings_with_defaults(s)
-    pgs, index, _ = P._load_pages(paths, int(s["window"]), 128, 0.01, False)
-    ds = P.WindowDataset(pgs, index, s)
+    s = P.attmask._settings_with_defaults(s)
+    pgs, index, _ = P.load_pages(paths, int(s["window"]), 128, 0.01, False)
+    ds = P.MultiCropDataset(pgs, index, s)
     items = [ds[i] for i in range(n)]
     return torch.stack([g for g, _ in items]), torch.stack([loc for _, loc in items])
 
@@ -101,7 +101,7 @@ def test_loss_decreases_on_a_fixed_batch(pages):
     g, loc = fixed_batch(pages, s)
     assert g.shape == (8, 2, 1, 64, 64) and loc.shape == (8, 2, 1, 32, 32)
     trainer = P.AttMaskTrainer(s, torch.device("cpu"), niter_per_epoch=100)
-    logs = [trainer.step(g, loc, i, 0) for i in range(12)]
+    logs = [trainer.step((g, loc), i, 0) for i in range(12)]
     first, last = logs[:3], logs[-3:]
     for key in ("loss", "loss_cls", "loss_patch"):
         assert np.mean([x[key] for x in last]) < np.mean([x[key] for x in first]), key
@@ -208,10 +208,10 @@ def test_to_input_convention():
 
 
 def test_windows_match_the_page(pages):
-    s = P._settings_with_defaults(settings())
-    pgs, index, skipped = P._load_pages(pages, 256, 128, 0.01, False)
+    s = P.attmask._settings_with_defaults(settings())
+    pgs, index, skipped = P.load_pages(pages, 256, 128, 0.01, False)
     assert skipped == 4 and len(index) == 12  # 300 px -> offsets 0, 44; blank page skipped
-    ds = P.WindowDataset(pgs, index, s)
+    ds = P.MultiCropDataset(pgs, index, s)
     for i in range(len(index)):
         p, y, x = index[i]
         np.testing.assert_array_equal(ds.window_at(i).astype(bool), read_mask(pages[p])[y:y + 256, x:x + 256])
@@ -229,7 +229,7 @@ def test_windows_match_the_page(pages):
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(pages, tmp_path):
     s = settings(epochs=2, masking="attmask_high", model=dict(TINY, drop_path_rate=0.1))
     a = P.pretrain(pages, s, tmp_path / "A", device="cpu", progress=False)
-    assert a["epochs"] == 2 and a["n_windows"] == 12 and a["device"] == "cpu"
+    assert a["epochs"] == 2 and a["samples"] == 12 and a["device"] == "cpu"
     first = P.pretrain(pages, s, tmp_path / "B", device="cpu", progress=False, stop_after_epochs=1)
     assert first["stopped"] and (tmp_path / "B" / "checkpoint.pt").exists()
     assert not (tmp_path / "B" / "backbone.pt").exists()
@@ -268,8 +268,8 @@ def test_settings_are_checked(pages, tmp_path):
 # -- 7. torchrun -----------------------------------------------------------------------------
 
 def test_torchrun_world_size_one_on_cpu(pages, tmp_path):
-    masks = tmp_path / "masks.txt"
-    masks.write_text("\n".join(pages) + "\n")
+    inputs = tmp_path / "inputs.json"
+    inputs.write_text(json.dumps({"page_masks": list(pages)}))
     cfg = tmp_path / "settings.json"
     cfg.write_text(json.dumps(settings(epochs=1, max_windows=8)))
     out = tmp_path / "out"
@@ -278,7 +278,7 @@ def test_torchrun_world_size_one_on_cpu(pages, tmp_path):
     env.pop("LOCAL_RANK", None)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-         "-m", "writer_retrieval.pretrain", "--masks-list", str(masks), "--settings", str(cfg),
+         "-m", "writer_retrieval.pretrain", "--inputs", str(inputs), "--settings", str(cfg),
          "--out", str(out), "--device", "cpu", "--no-progress"],
         capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

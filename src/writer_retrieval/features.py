@@ -24,13 +24,26 @@ log = logging.getLogger("writer_retrieval")
 SIFT_DIM = 128
 
 
-def sift_page(gray: np.ndarray, ink: np.ndarray, settings: dict) -> tuple[np.ndarray, np.ndarray, int]:
-    """Keypoints (x, y, size, response) and raw uint8 descriptors of one page; also the raw keypoint count."""
-    sift = cv2.SIFT_create(nfeatures=settings["max_keypoints"], nOctaveLayers=settings["octave_layers"],
+def sift_detector(settings: dict) -> cv2.SIFT:
+    """A SIFT object from the stage settings (`max_keypoints` optional: 0 or absent = no cap)."""
+    return cv2.SIFT_create(nfeatures=int(settings.get("max_keypoints", 0)), nOctaveLayers=settings["octave_layers"],
                            contrastThreshold=settings["contrast_threshold"],
                            edgeThreshold=settings["edge_threshold"], sigma=settings["sigma"])
-    binarized = np.where(ink, 0, 255).astype(np.uint8)
-    detected = sift.detect(binarized, None)
+
+
+def binarized_page(ink: np.ndarray) -> np.ndarray:
+    """The ink mask rendered as a page: ink black (0) on white (255), uint8."""
+    return np.where(ink, 0, 255).astype(np.uint8)
+
+
+def detect_keypoints(ink: np.ndarray, settings: dict) -> tuple[list[cv2.KeyPoint], int]:
+    """SIFT keypoints of the binarized page (ink black on white), orientation forced to 0.
+
+    The duplicates that multiple orientations produce (same x, y, size to 0.01 px) collapse to the
+    strongest response; keypoints come in a deterministic order (sorted by rounded x, y, size).
+    Returns the keypoints and the raw detected count (before removing duplicates).
+    """
+    detected = sift_detector(settings).detect(binarized_page(ink), None)
     unique: dict[tuple, cv2.KeyPoint] = {}
     for kp in detected:
         key = (round(kp.pt[0], 2), round(kp.pt[1], 2), round(kp.size, 2))
@@ -41,14 +54,20 @@ def sift_page(gray: np.ndarray, ink: np.ndarray, settings: dict) -> tuple[np.nda
         kp = unique[key]
         kp.angle = 0.0
         keypoints.append(kp)
+    return keypoints, len(detected)
+
+
+def sift_page(gray: np.ndarray, ink: np.ndarray, settings: dict) -> tuple[np.ndarray, np.ndarray, int]:
+    """Keypoints (x, y, size, response) and raw uint8 descriptors of one page; also the raw keypoint count."""
+    keypoints, n_detected = detect_keypoints(ink, settings)
     if not keypoints:
-        return np.zeros((0, 4), np.float32), np.zeros((0, SIFT_DIM), np.uint8), len(detected)
-    source = gray if settings["describe_on"] == "gray" else binarized
-    keypoints, desc = sift.compute(source, keypoints)
+        return np.zeros((0, 4), np.float32), np.zeros((0, SIFT_DIM), np.uint8), n_detected
+    source = gray if settings["describe_on"] == "gray" else binarized_page(ink)
+    keypoints, desc = sift_detector(settings).compute(source, keypoints)
     if desc is None:
-        return np.zeros((0, 4), np.float32), np.zeros((0, SIFT_DIM), np.uint8), len(detected)
+        return np.zeros((0, 4), np.float32), np.zeros((0, SIFT_DIM), np.uint8), n_detected
     coords = np.array([(k.pt[0], k.pt[1], k.size, k.response) for k in keypoints], np.float32)
-    return coords, np.clip(np.round(desc), 0, 255).astype(np.uint8), len(detected)
+    return coords, np.clip(np.round(desc), 0, 255).astype(np.uint8), n_detected
 
 
 def root_sift(desc: np.ndarray, eps: float = 1e-12) -> np.ndarray:

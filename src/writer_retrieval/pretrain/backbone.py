@@ -1,0 +1,147 @@
+"""The ViT backbone every window-based pretraining method trains and the embedding stage loads.
+
+Input convention shared with the embedding stage: `to_input` (ink = 1.0, paper = 0.0, float32,
+shape [1, H, W]); `build_backbone` (timm ViT, in_chans 1, random init, a learnable
+`mask_token` for masked image modelling, saved in backbone.pt); `forward_tokens` (final-norm
+tokens, [CLS] first).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import InputError
+
+
+
+def to_input(window: np.ndarray) -> torch.Tensor:
+    """A window (bool ink mask, or float with ink = 1.0) as the network input [1, H, W] float32."""
+    arr = np.asarray(window)
+    if arr.ndim != 2:
+        raise ValueError(f"to_input expects a 2-D window, got shape {arr.shape}")
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' -> cuda if available else cpu; 'cpu' / 'cuda' / 'cuda:N' explicit."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    device = (device or "auto").strip().lower()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available on this machine "
+                             "(no GPU or a CPU-only torch build); use device 'cpu' or 'auto'")
+        dev = torch.device(device)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s) visible")
+        return dev
+    raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'")
+
+
+def build_backbone(model: dict, seed: int | None = None) -> nn.Module:
+    """A timm VisionTransformer with in_chans=1, no classifier, dynamic image size, no weights
+    downloaded; plus a learnable `mask_token` (1, embed_dim) used by masked image modelling."""
+    import timm
+
+    for key in ("arch", "img_size", "patch_size"):
+        if key not in model:
+            raise InputError(f"model settings: missing key '{key}' (have {sorted(model)})")
+    kwargs = dict(pretrained=False, num_classes=0, in_chans=1, img_size=model["img_size"],
+                  patch_size=model["patch_size"], drop_path_rate=model.get("drop_path_rate", 0.0),
+                  dynamic_img_size=True)
+    for key in ("embed_dim", "depth", "num_heads"):
+        if model.get(key) is not None:
+            kwargs[key] = model[key]
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        net = timm.create_model(model["arch"], **kwargs)
+    if getattr(net, "cls_token", None) is None or not hasattr(net, "blocks"):
+        raise InputError(f"model arch {model['arch']!r}: pretraining needs a ViT with a [CLS] token")
+    net.mask_token = nn.Parameter(torch.zeros(1, net.embed_dim))
+    return net
+
+
+def load_backbone(path, model: dict, device="cpu") -> nn.Module:
+    """The student backbone saved by `pretrain` (backbone.pt), in eval mode on `device`."""
+    dev = resolve_device(device) if not isinstance(device, torch.device) else device
+    net = build_backbone(model)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    net.load_state_dict(state)
+    return net.to(dev).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Token forward with masking, last-layer [CLS] attention
+# --------------------------------------------------------------------------------------------
+
+def _cls_attention(block: nn.Module, x: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """[CLS] -> patch attention of `block` for block input x [B, T, C], mean over heads: [B, N]."""
+    attn = block.attn
+    if not (hasattr(attn, "qkv") and hasattr(attn, "num_heads") and hasattr(attn, "scale")):
+        raise TypeError(f"cannot read attention from {type(attn).__name__}: needs a fused qkv projection")
+    y = block.norm1(x)
+    B, T, _ = y.shape
+    qkv = attn.qkv(y).reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k = qkv[0], qkv[1]
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    with torch.autocast(device_type=x.device.type, enabled=False):  # rank in float32, not bf16
+        logits = (q[:, :, :1].float() * attn.scale) @ k.float().transpose(-2, -1)  # [B, heads, 1, T]
+        weights = logits.softmax(dim=-1)[:, :, 0, num_prefix:]
+    return weights.mean(dim=1)
+
+
+def _forward(backbone, img, mask=None, return_layers: int = 1, with_attention: bool = False,
+             mask_token: torch.Tensor | None = None):
+    """Shared forward: tokens of the last `return_layers` blocks (each through the final norm,
+    [CLS] + patch tokens, register tokens dropped) and optionally the last block's [CLS] attention."""
+    return_layers = int(return_layers)
+    n_blocks = len(backbone.blocks)
+    if not 1 <= return_layers <= n_blocks:
+        raise ValueError(f"return_layers must be in 1..{n_blocks}, got {return_layers}")
+    npt = int(getattr(backbone, "num_prefix_tokens", 1))
+    x = backbone.patch_embed(img)  # [B, H, W, C] with dynamic_img_size, else [B, N, C]
+    if mask is not None:
+        token = mask_token if mask_token is not None else getattr(backbone, "mask_token", None)
+        if token is None:
+            raise ValueError("a mask was given but the backbone has no mask_token (use build_backbone)")
+        m = mask.to(device=x.device, dtype=torch.bool).reshape(x.shape[:-1])
+        x = torch.where(m.unsqueeze(-1), token.to(x.dtype).reshape(*([1] * (x.dim() - 1)), -1), x)
+    x = backbone._pos_embed(x)
+    x = backbone.patch_drop(x)
+    x = backbone.norm_pre(x)
+    outs = []
+    attention = None
+    first_kept = n_blocks - return_layers
+    for i, blk in enumerate(backbone.blocks):
+        if with_attention and i == n_blocks - 1:
+            attention = _cls_attention(blk, x, npt)
+        x = blk(x)
+        if i >= first_kept:
+            outs.append(x)
+    outs = [backbone.norm(o) for o in outs]
+    if npt > 1:
+        outs = [torch.cat([o[:, :1], o[:, npt:]], dim=1) for o in outs]
+    return outs, attention
+
+
+def forward_tokens(backbone, img: torch.Tensor, mask: torch.Tensor | None = None, return_layers: int = 1):
+    """Final-norm tokens of a timm ViT: [B, 1 + N, D] with [CLS] first (register tokens dropped).
+
+    mask (bool [B, N] or [B, h, w], optional): patches to replace by `backbone.mask_token` after
+    the patch embedding (before position embeddings). With return_layers = k > 1, returns a list
+    of the last k blocks' outputs (earliest first), each passed through `backbone.norm`.
+    """
+    outs, _ = _forward(backbone, img, mask=mask, return_layers=return_layers)
+    return outs[0] if return_layers == 1 else outs
+
+
+def last_block_cls_attention(backbone, img: torch.Tensor) -> torch.Tensor:
+    """[CLS] -> patch attention of the last block, averaged over heads: [B, N] (rows sum <= 1)."""
+    _, attention = _forward(backbone, img, with_attention=True)
+    return attention
