@@ -8,11 +8,14 @@ from snakemake.utils import min_version
 from writer_retrieval.config import (
     ConfigError,
     binarize_variants,
+    cluster_variant,
+    codebook_variant,
     descriptors_variant,
     experiment_grid,
-    codebook_variant,
     features_variant,
+    finetune_variant,
     main_binarize_variant,
+    patches_variant,
     pretrain_variant,
     segment_variant,
     uses_sam,
@@ -50,6 +53,10 @@ DESCRIPTORS = {
     for d in config["datasets"]
 }
 PRETRAIN = {d: dict(v for f in config["features"] if (v := pretrain_variant(config, d, f))) for d in config["datasets"]}
+SAGHOG_FEATURES = [f for f in config["features"] if config["features"][f]["kind"] == "saghog"]
+PATCHES = {d: dict(patches_variant(config, d, f) for f in SAGHOG_FEATURES) for d in config["datasets"]}
+CLUSTER = {d: dict(cluster_variant(config, d, f) for f in SAGHOG_FEATURES) for d in config["datasets"]}
+FINETUNE = {d: dict(v for f in SAGHOG_FEATURES if (v := finetune_variant(config, d, f))) for d in config["datasets"]}
 GRID = experiment_grid(config)
 EXPERIMENTS = {(e["dataset"], e["folder"]): e for e in GRID}
 
@@ -66,6 +73,12 @@ def variants_of_kind(kind):
     """Regex alternatives of the feature folders of one kind (rules producing them are kind-specific)."""
     names = sorted({v for d in FEATURES for v, s in FEATURES[d].items() if s["kind"] == kind})
     return "|".join(map(re.escape, names)) or "(?!)"
+
+
+def used_clusters(dataset):
+    """Pseudo-label folders of the SAGHOG extractors an experiment on `dataset` uses."""
+    return sorted({cluster_variant(config, dataset, e["features"])[0] for e in GRID
+                   if e["dataset"] == dataset and e["features"] in SAGHOG_FEATURES})
 
 
 def shard_ids(dataset):
@@ -86,6 +99,9 @@ wildcard_constraints:
     cvariant=r"[A-Za-z0-9_.-]+-[0-9a-f]{10}",
     vvariant=r"[A-Za-z0-9_.-]+-[0-9a-f]{10}",
     pvariant=r"[a-z0-9_]+-[0-9a-f]{10}",
+    patchvariant=r"patches-[0-9a-f]{10}",
+    clvariant=r"cluster-[0-9a-f]{10}",
+    ftvariant=r"[a-z0-9_]+-[0-9a-f]{10}",
     dvariant=r"[A-Za-z0-9_.-]+-(vlad|sum)-[0-9a-f]{10}",
     experiment=r"[A-Za-z0-9_.-]+-(vlad|sum)-[A-Za-z0-9_.]+-[0-9a-f]{10}",
     rvariant=r"[A-Za-z0-9_.-]+-(vlad|sum)-[A-Za-z0-9_.]+-[0-9a-f]{10}",
@@ -96,7 +112,10 @@ include: "rules/dataset.smk"
 include: "rules/segment.smk"
 include: "rules/binarize.smk"
 include: "rules/features.smk"
+include: "rules/patches.smk"
+include: "rules/cluster.smk"
 include: "rules/pretrain.smk"
+include: "rules/finetune.smk"
 include: "rules/embed.smk"
 include: "rules/vlad.smk"
 include: "rules/pca.smk"
@@ -114,5 +133,6 @@ rule all:
         [f"{RESULTS}/{d}/segment/{SEGMENT[d][0]}/segments.parquet" for d in DATASETS if uses_sam(config)],
         [f"{RESULTS}/{e['dataset']}/features/{features_variant(config, e['dataset'], e['features'])[0]}/stats.parquet"
          for e in GRID],
+        [f"{RESULTS}/{d}/cluster/{c}/contact_sheet.png" for d in DATASETS for c in used_clusters(d)],
         f"{RESULTS}/benchmark.parquet",
         f"{RESULTS}/report.html",

@@ -1,4 +1,5 @@
-# Stage 4a: self-supervised pretraining of a ViT backbone (AttMask) on the train split's binarized pages.
+# Stage 4a: self-supervised pretraining on the train split: a ViT backbone on windows of binarized pages
+# (AttMask, or a spatial-context pretext task), or SAGHOG's masked-HOG autoencoder on patches.
 # GPU when present (resources gpu=1 lets a SLURM profile route it); gpus > 1 runs torch DDP via torchrun.
 # A killed run resumes from checkpoint.pt (kept beside the outputs) when the job is started again.
 
@@ -8,7 +9,7 @@ def pretrain_settings(wc):
 
 
 def pretrain_feature(wc):
-    """The settings of a ViT feature extractor that uses this pretraining run (device, gpus)."""
+    """The settings of a feature extractor that uses this pretraining run (device, gpus)."""
     for name, feat in config["features"].items():
         variant = pretrain_variant(config, wc.dataset, name)
         if variant and variant[0] == wc.pvariant:
@@ -16,14 +17,22 @@ def pretrain_feature(wc):
     raise ValueError(f"no feature extractor uses pretraining run {wc.pvariant}")
 
 
+def pretrain_patches(wc, suffix):
+    """SAGHOG trains on patch shards; the window methods on page masks."""
+    settings = PRETRAIN[wc.dataset][wc.pvariant]
+    return patch_shards(wc.dataset, settings["patches"], suffix) if "patches" in settings else []
+
+
 rule pretrain:
     input:
         index=f"{RESULTS}/{{dataset}}/index.parquet",
-        masks=main_masks,
+        masks=lambda wc: [] if "patches" in PRETRAIN[wc.dataset][wc.pvariant] else main_masks(wc),
         # With SAM preprocessing, pages with too little writing are left out of pretraining.
         segments=lambda wc: [f"{RESULTS}/{wc.dataset}/segment/{SEGMENT[wc.dataset][0]}/segments.parquet"]
-        if uses_sam(config)
+        if "segment" in PRETRAIN[wc.dataset][wc.pvariant]
         else [],
+        patches=lambda wc: pretrain_patches(wc, "patches.npy"),
+        shard_index=lambda wc: pretrain_patches(wc, "parquet"),
     output:
         backbone=f"{RESULTS}/{{dataset}}/pretrain/{{pvariant}}/backbone.pt",
         log=f"{RESULTS}/{{dataset}}/pretrain/{{pvariant}}/log.parquet",

@@ -11,7 +11,10 @@ rule report:
         rankings=experiment_files("rankings.parquet"),
         indexes=[f"{RESULTS}/{e['dataset']}/index.parquet" for e in GRID],
         quality=[f"{RESULTS}/{d}/binarize/quality_summary.parquet" for d in DATASETS if has_ground_truth(d)],
-        training=[f"{RESULTS}/{d}/pretrain/{p}/log.parquet" for d in DATASETS for p in PRETRAIN[d]],
+        training=[f"{RESULTS}/{d}/pretrain/{p}/log.parquet" for d in DATASETS for p in PRETRAIN[d]]
+        + [f"{RESULTS}/{d}/finetune/{f}/log.parquet" for d in DATASETS for f in FINETUNE[d]],
+        clusters=[f"{RESULTS}/{d}/cluster/{c}/contact_sheet.png" for d in DATASETS for c in used_clusters(d)],
+        cluster_summaries=[f"{RESULTS}/{d}/cluster/{c}/summary.json" for d in DATASETS for c in used_clusters(d)],
     output:
         benchmark=report(f"{RESULTS}/benchmark.parquet", category="Benchmark"),
         chart=report(f"{RESULTS}/report/benchmark.png", category="Benchmark", caption="../report/benchmark.rst"),

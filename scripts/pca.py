@@ -10,7 +10,7 @@ if __name__ == "__main__":
     sm = snakemake
     settings = dict(sm.params.settings)
     with stage_logging(sm.log[0], sm.rule):
-        if settings["aggregation"] == "vlad":
+        if sm.params.one_row_per_page:
             vectors = np.concatenate([np.load(p) for p in sm.input.vectors])
             doc_ids = pd.concat([pd.read_parquet(p) for p in sm.input.doc_ids]).doc_id.tolist()
         else:

@@ -1,4 +1,6 @@
 """Glue for rule `report`: see writer_retrieval.report."""
+import json
+
 import pandas as pd
 
 from writer_retrieval.logs import stage_logging
@@ -18,5 +20,14 @@ if __name__ == "__main__":
                 index=False, border=0, float_format=lambda v: f"{v:.4f}")
         runs = {"/".join(p.split("/")[-4:-1:2]): p for p in sm.input.training}  # "<dataset>/<run>"
         loss_curves(runs, sm.output.losses)
+        figures = {}
+        for png, summary_path in zip(sm.input.clusters, sm.input.cluster_summaries):
+            summary = json.loads(open(summary_path).read())
+            dataset, variant = png.split("/")[-4], png.split("/")[-2]
+            figures[f"{dataset}: patch clusters ({variant})"] = (
+                png, f"Pseudo labels for SAGHOG fine-tuning: each row shows patches of one k-means cluster "
+                     f"(cluster id at the left); patches of one cluster should look alike. "
+                     f"{summary['n_patches']} patches, {100 * summary['ambiguous_share']:.1f}% dropped as ambiguous, "
+                     f"median cluster size {summary['median_cluster_size']}.")
         write_report(sm.output.benchmark, sm.output.chart, experiments, dict(sm.params.settings), sm.output.html,
-                     extra, loss_chart=sm.output.losses if runs else None)
+                     extra, loss_chart=sm.output.losses if runs else None, figures=figures)

@@ -233,3 +233,34 @@ def test_sam_preprocessing_with_random_weights_end_to_end(tmp_path):
     region = read_mask(segments.parent / "regions" / f"{first.doc_id}.png")
     assert not (read_mask(tmp_path / first.mask_path) & ~region).any()
     assert (tmp_path / "results" / "benchmark.parquet").exists()
+
+
+def test_saghog_and_pretext_features_end_to_end(tmp_path):
+    proc = snakemake(tmp_path, REPO / "configs" / "tiny-ssl.yaml")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = tmp_path / "results" / "tiny"
+    bench = pd.read_parquet(tmp_path / "results" / "benchmark.parquet")
+    assert set(zip(bench.features, bench.aggregation)) == {("flip-vit", "vlad"), ("sorting-vit", "vlad"),
+                                                          ("saghog", "sum"), ("saghog-ft", "sum")}
+    assert (bench.n_queries == 18).all() and bench["map"].notna().all()
+    # One patch extraction, one clustering and one masked-HOG run serve both SAGHOG extractors.
+    (patches,) = res.glob("patches/patches-*")
+    (cluster,) = res.glob("cluster/cluster-*")
+    assert len(list(res.glob("pretrain/saghog-*/backbone.pt"))) == 1
+    assert len(list(res.glob("finetune/netrvlad-*/model.pt"))) == 1
+    labels = pd.read_parquet(cluster / "patches.parquet")
+    shard0 = pd.read_parquet(patches / "shards" / "0000.parquet")
+    assert len(shard0) == np.load(patches / "shards" / "0000.patches.npy", mmap_mode="r").shape[0]
+    assert list(labels.columns[:7]) == ["doc_id", "x", "y", "split", "shard", "row", "cluster"]
+    assert labels.cluster.max() < 20 and (labels.cluster >= -1).all()
+    # SAGHOG page descriptors: one unit-norm row per page of the shard.
+    (pooled,) = res.glob("features/saghog-" + "[0-9a-f]" * 10 + "/shards/0000.pooled.npy")
+    vectors = np.load(pooled)
+    assert vectors.shape == (30, 32) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+    (tuned,) = res.glob("features/saghog-ft-*/shards/0000.pooled.npy")
+    assert np.load(tuned).shape == (30, 8 * 32)
+    for method in ("flip", "sorting"):
+        (log,) = res.glob(f"pretrain/{method}-*/log.parquet")
+        assert list(pd.read_parquet(log).columns[:3]) == ["epoch", "loss", "accuracy"]
+    html = (tmp_path / "results" / "report.html").read_text()
+    assert "patch clusters" in html and html.count("data:image/png") >= 3

@@ -220,8 +220,34 @@ def _variant(name: str, stage: str, settings: dict) -> tuple[str, dict]:
 
 def features_variant(config: dict, dataset: str, features: str) -> tuple[str, dict]:
     """Folder name '<features>-<hash>' and effective settings of a feature extractor on a dataset."""
-    settings = {**config["features"][features], "binarize": main_binarize_variant(config, dataset)}
+    feat = config["features"][features]
+    settings = {**feat, "binarize": main_binarize_variant(config, dataset)}
+    if feat["kind"] == "saghog" and feat["finetune"]["method"] == "none":
+        settings["finetune"] = {"method": "none"}  # unused fine-tuning settings change nothing
     return _variant(features, "features", settings)
+
+
+def patches_variant(config: dict, dataset: str, features: str) -> tuple[str, dict]:
+    """Folder 'patches-<hash>' of the SIFT-keypoint patches a SAGHOG extractor uses (shared by equal settings)."""
+    settings = {**config["features"][features]["patches"], "binarize": main_binarize_variant(config, dataset)}
+    return _variant("patches", "patches", settings)
+
+
+def cluster_variant(config: dict, dataset: str, features: str) -> tuple[str, dict]:
+    """Folder 'cluster-<hash>' of the patches' pseudo labels."""
+    settings = {**config["features"][features]["cluster"], "patches": patches_variant(config, dataset, features)[0]}
+    return _variant("cluster", "cluster", settings)
+
+
+def finetune_variant(config: dict, dataset: str, features: str) -> tuple[str, dict] | None:
+    """Folder '<method>-<hash>' of a SAGHOG extractor's fine-tuning run, or None without fine-tuning."""
+    feat = config["features"][features]
+    if feat["kind"] != "saghog" or feat["finetune"]["method"] == "none":
+        return None
+    settings = {**feat["finetune"], "model": feat["model"], "seed": feat["seed"],
+                "pretrain": pretrain_variant(config, dataset, features)[0],
+                "cluster": cluster_variant(config, dataset, features)[0]}
+    return _variant(feat["finetune"]["method"], "finetune", settings)
 
 
 CODEBOOK_KEYS = ("codebook_size", "codebook_sample", "kmeans_iterations", "seed")
@@ -246,16 +272,18 @@ def vlad_variant(config: dict, dataset: str, features: str) -> tuple[str, dict]:
 
 
 def pretrain_variant(config: dict, dataset: str, features: str) -> tuple[str, dict] | None:
-    """Folder '<method>-<hash>' of a ViT's pretraining run, or None for an untrained (random) backbone.
-
-    Feature extractors that differ only in how they embed share one pretraining run."""
+    """Folder '<method>-<hash>' of a feature extractor's pretraining run, or None for an untrained
+    (random) ViT and for SIFT. Extractors that differ only in how they embed share one run."""
     feat = config["features"][features]
-    if feat["kind"] != "vit" or feat["pretrain"]["method"] == "none":
+    if feat["kind"] == "sift" or feat["pretrain"]["method"] == "none":
         return None
-    settings = {**feat["pretrain"], "model": feat["model"], "seed": feat["seed"],
-                "binarize": main_binarize_variant(config, dataset)}
-    if uses_sam(config):  # SAM's writing-amount filter chooses the training pages
-        settings["segment"] = segment_variant(config, dataset)[0]
+    settings = {**feat["pretrain"], "model": feat["model"], "seed": feat["seed"]}
+    if feat["kind"] == "saghog":
+        settings["patches"] = patches_variant(config, dataset, features)[0]
+    else:
+        settings["binarize"] = main_binarize_variant(config, dataset)
+        if uses_sam(config):  # SAM's writing-amount filter chooses the training pages
+            settings["segment"] = segment_variant(config, dataset)[0]
     return _variant(feat["pretrain"]["method"], "pretrain", settings)
 
 

@@ -167,3 +167,64 @@ def sum_pooled_cls(cls_path, shard_index_path) -> dict[str, np.ndarray]:
     index = pd.read_parquet(shard_index_path)
     return {d: np.asarray(stacked[o:o + n], np.float64).sum(axis=0).astype(np.float32)
             for d, n, o in zip(index.doc_id, index.n_windows, index.cls_offset)}
+
+
+# --------------------------------------------------------------------------------------------
+# Patch path (SAGHOG): page descriptor = power-normalised sum of its patch encodings
+# --------------------------------------------------------------------------------------------
+
+def power_l2(x: np.ndarray, power: float) -> np.ndarray:
+    """Signed power normalisation |x|^power * sign(x), then L2 per row (zero rows stay zero)."""
+    x = np.asarray(x, np.float64)
+    y = np.sign(x) * np.abs(x) ** float(power)
+    norms = np.linalg.norm(y, axis=-1, keepdims=True)
+    return np.where(norms > 0, y / np.where(norms > 0, norms, 1.0), 0.0)
+
+
+def embed_patches_shard(patches_path, shard_index_path, encode, batch_size: int, power: float, out_vectors,
+                        out_index, out_stats, index_path, shard: int, shard_size: int) -> pd.DataFrame:
+    """One vector per page of a shard of the dataset index: the sum of the page's patch encodings
+    (`encode`: uint8 patches [n, H, W] -> float32 [n, F]) -> signed power -> L2.
+
+    The pages come from the dataset index (`shard_rows(index, shard, shard_size)`), their patches
+    from the patch stage's shard (patches .npy + per-patch index with doc_id); a page without
+    patches gets a zero row and a warning. Writes out_vectors .npy float32 [n_docs, F] (index order),
+    out_index (doc_id, n_patches) and out_stats (doc_id, writer, split, n_patches, seconds); returns the stats.
+    """
+    rows = shard_rows(pd.read_parquet(index_path), shard, shard_size)
+    patches = np.load(patches_path, mmap_mode="r")
+    patch_docs = pd.read_parquet(shard_index_path, columns=["doc_id"]).doc_id.astype(str)
+    if len(patch_docs) != len(patches):
+        raise ValueError(f"{shard_index_path} has {len(patch_docs)} rows but {patches_path} {len(patches)} patches")
+    positions = patch_docs.groupby(patch_docs, sort=False).indices
+    docs = [str(d) for d in rows.doc_id]
+    writers, splits = rows.writer.tolist(), rows.split.tolist()
+    strangers = sorted(set(positions) - set(docs))
+    if strangers:
+        raise ValueError(f"{shard_index_path}: patches of {len(strangers)} document(s) not in shard {shard} of "
+                         f"{index_path}, e.g. {strangers[0]!r} (patch and index shards do not match)")
+    width = getattr(encode, "dim", None)
+    if width is None:  # the width of the encoding of one blank patch
+        width = np.asarray(encode(np.zeros((1, *patches.shape[1:]), np.uint8))).shape[1]
+    width = int(width)
+    batch_size = max(int(batch_size), 1)
+    vectors = np.zeros((len(docs), width), np.float32)
+    stats = []
+    for i, doc in enumerate(tqdm(docs, desc=f"embed patches shard {shard}", unit="page", mininterval=2)):
+        start = time.perf_counter()
+        where = np.sort(np.asarray(positions.get(doc, []), np.int64))
+        total = np.zeros(width, np.float64)
+        for b in range(0, len(where), batch_size):
+            chunk = np.asarray(patches[where[b:b + batch_size]])
+            total += np.asarray(encode(chunk), np.float64).sum(axis=0)
+        if len(where) == 0:
+            log.warning("%s: no patches; its descriptor is a zero vector", doc)
+        else:
+            vectors[i] = power_l2(total[None], power)[0]
+        stats.append({"doc_id": doc, "writer": writers[i], "split": splits[i], "n_patches": int(len(where)),
+                      "seconds": time.perf_counter() - start})
+    write_npy(vectors, out_vectors)
+    table = pd.DataFrame(stats, columns=["doc_id", "writer", "split", "n_patches", "seconds"])
+    write_parquet(table[["doc_id", "n_patches"]], out_index)
+    write_parquet(table, out_stats)
+    return table

@@ -5,6 +5,7 @@ import base64
 import html
 import io
 import logging
+import math
 from pathlib import Path
 
 import matplotlib
@@ -53,18 +54,29 @@ def bar_chart(table: pd.DataFrame, path) -> None:
 
 
 def loss_curves(logs: dict[str, str], path) -> None:
-    """Training loss per epoch of every pretraining run ({label: log.parquet})."""
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
-    for label, log_path in logs.items():
+    """Training loss per epoch of every training run ({label: log.parquet}), one panel per run
+    (AttMask, pretext cross-entropy, masked-HOG MSE and multi-similarity losses have unrelated scales)."""
+    n = max(len(logs), 1)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), dpi=100, squeeze=False)
+    for ax, (label, log_path) in zip(axes.ravel(), logs.items()):
         table = pd.read_parquet(log_path)
-        ax.plot(table.epoch, table.loss, marker="o", ms=3, label=f"{label} total")
+        ax.plot(table.epoch, table.loss, marker="o", ms=3, label="loss")
         for part in ("loss_cls", "loss_patch"):
             if part in table:
-                ax.plot(table.epoch, table[part], ls="--", lw=1, label=f"{label} {part[5:]}")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.set_title("Self-supervised pretraining")
-    ax.legend(fontsize=7)
+                ax.plot(table.epoch, table[part], ls="--", lw=1, label=part[5:])
+        if "accuracy" in table:  # pretext tasks: share of transformations recognised
+            twin = ax.twinx()
+            twin.plot(table.epoch, table.accuracy, color="tab:green", lw=1, label="accuracy")
+            twin.set_ylim(0, 1)
+            twin.set_ylabel("accuracy", fontsize=8, color="tab:green")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.legend(fontsize=7, loc="upper right")
+    for ax in axes.ravel()[len(logs):]:
+        ax.axis("off")
+    fig.suptitle("Training runs (loss per epoch)", fontsize=10)
     fig.tight_layout()
     with atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, format="png")
@@ -110,8 +122,10 @@ td,th{padding:4px 8px;border-bottom:1px solid #ddd;text-align:right;font-size:13
 
 
 def write_report(benchmark_path, chart_path, experiments: list[dict], report_settings: dict, out_path,
-                 extra_tables: dict[str, str] | None = None, loss_chart=None) -> None:
-    """experiments: dicts with dataset, folder, rankings (path), index (path)."""
+                 extra_tables: dict[str, str] | None = None, loss_chart=None,
+                 figures: dict[str, tuple[str, str]] | None = None) -> None:
+    """experiments: dicts with dataset, folder, rankings (path), index (path);
+    figures: title -> (PNG path, caption) shown after the tables."""
     table = pd.read_parquet(benchmark_path)
     shown = table.drop(columns=["settings_hash"]).copy()
     for col in ("map", "top1", "p_at_5", "p_at_10", "chance_map"):
@@ -129,6 +143,10 @@ def write_report(benchmark_path, chart_path, experiments: list[dict], report_set
         parts += ["<h2>Pretraining</h2>", f"<p><img src='data:image/png;base64,{curve}'></p>"]
     for title, fragment in (extra_tables or {}).items():
         parts += [f"<h2>{html.escape(title)}</h2>", fragment]
+    for title, (png, caption) in (figures or {}).items():
+        data = base64.b64encode(Path(png).read_bytes()).decode()
+        parts += [f"<h2>{html.escape(title)}</h2>", f"<p>{html.escape(caption)}</p>",
+                  f"<p><img src='data:image/png;base64,{data}'></p>"]
     by_dataset: dict[str, dict] = {}
     for exp in experiments:
         by_dataset.setdefault(exp["dataset"], exp)  # the first experiment of each dataset

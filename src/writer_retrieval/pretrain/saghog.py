@@ -44,7 +44,7 @@ MODEL_DEFAULTS = {"arch": "vit_small_patch16_224", "img_size": 32, "patch_size":
                   "num_heads": 8, "mlp_ratio": 4.0, "decoder_dim": 256, "decoder_depth": 1, "decoder_heads": 8}
 DEFAULTS = {"method": "saghog", "epochs": 200, "batch_size": 256, "lr": 8e-4, "min_lr": 8e-6, "warmup_epochs": 10,
             "weight_decay": 0.05, "weight_decay_end": 0.05, "clip_grad": 0.0, "mask_ratio": 0.75, "hog_bins": 9,
-            "max_patches": 0, "seed": 0, "num_workers": 4, "amp": "bf16", "checkpoint_every": 1}
+            "max_patches": 0, "seed": 0, "num_workers": 0, "amp": "bf16", "checkpoint_every": 1}
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ class SaghogMAE(nn.Module):
         N = ids_restore.shape[1]
         tokens = torch.cat([x[:, 1:], self.mask_token.to(x.dtype).expand(B, N + 1 - T, -1)], dim=1)
         tokens = torch.gather(tokens, 1, ids_restore[..., None].expand(-1, -1, C))
-        x = torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed.to(x.dtype)
+        x = torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
@@ -281,13 +281,13 @@ class PatchDataset(torch.utils.data.Dataset):
             raise InputError(f"patch shards hold patches of different sizes: {sorted(shapes)}")
         self.patch_shape = shapes.pop() if shapes else None
         if rows is None:
-            wanted = None if doc_ids is None else set(map(str, doc_ids))
+            wanted = None if doc_ids is None else {str(d) for d in doc_ids}
             parts = []
             for s, (npy, index_path) in enumerate(patch_shards):
-                docs = pd.read_parquet(index_path, columns=["doc_id"]).doc_id.astype(str).to_numpy()
+                docs = pd.read_parquet(index_path, columns=["doc_id"]).doc_id.astype(str)
                 if len(docs) != self.lengths[s]:
                     raise InputError(f"{index_path} has {len(docs)} rows but {npy} {self.lengths[s]} patches")
-                sel = np.arange(len(docs)) if wanted is None else np.flatnonzero(np.isin(docs, list(wanted)))
+                sel = np.arange(len(docs)) if wanted is None else np.flatnonzero(docs.isin(wanted).to_numpy())
                 parts.append(np.stack([np.full(len(sel), s), sel], axis=1))
             rows = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
         rows = np.asarray(rows, np.int64).reshape(-1, 2)
@@ -390,16 +390,19 @@ def settings_with_defaults(settings: dict) -> dict:
 
 def pretrain_saghog(patch_shards, doc_ids, settings: dict, out_dir, *, device: str = "auto", progress: bool = True,
                     stop_after_epochs: int | None = None) -> dict:
-    """Train SAGHOG on the patches of `doc_ids` (train pages) -> out_dir/backbone.pt (encoder), log.parquet."""
+    """Train SAGHOG on the patches of `doc_ids` (train pages; None = every patch) -> out_dir/backbone.pt
+    (the encoder's state_dict) and out_dir/log.parquet."""
     s = settings_with_defaults(settings)
+    doc_ids = None if doc_ids is None else [str(d) for d in doc_ids]
     dataset = PatchDataset(patch_shards, doc_ids)
+    n_docs = "all" if doc_ids is None else len(set(doc_ids))
     if len(dataset) == 0:
-        raise InputError(f"saghog: no patches for the {len(list(doc_ids))} given document(s) in "
-                         f"{len(patch_shards)} patch shard(s)")
+        raise InputError(f"saghog: no patches for the {n_docs} given document(s) in {len(patch_shards)} "
+                         "patch shard(s)")
     size = int(s["model"]["img_size"])
     if dataset.patch_shape != (size, size):
         raise InputError(f"saghog: patches are {dataset.patch_shape}, but model img_size is {size}")
-    log.info("saghog: %d patches of %d documents", len(dataset), len(set(map(str, doc_ids))))
+    log.info("saghog: %d patches of %s documents", len(dataset), n_docs)
     return train(dataset, s, out_dir,
                  lambda dev, niter, ws, rank, ddp: SaghogTrainer(s, dev, niter, ws, ddp, rank),
                  device=device, progress=progress, stop_after_epochs=stop_after_epochs, cap=int(s["max_patches"]),
