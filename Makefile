@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test benchmark install clean
 
 $(PY):
 	python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -17,6 +17,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/snakemake --cores all --configfile config.yaml
+
+# One command per benchmark grid: make benchmark CONFIG=configs/benchmark-ahawp.yaml
+benchmark: $(STAMP)
+	@test -n "$(CONFIG)" || { echo "usage: make benchmark CONFIG=configs/benchmark-<name>.yaml"; exit 2; }
+	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/snakemake --cores all --configfile $(CONFIG)
 
 test: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest

@@ -1,14 +1,24 @@
 # writer-retrieval: reproducible writer-retrieval benchmarks (see README.md).
 # Stages live in rules/<stage>.smk, glue in scripts/<stage>.py, logic in src/writer_retrieval/<stage>.py.
+import os
 import re
+import sys
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
+
+# The workflow's own code comes from its src/ (this file and every job, through PYTHONPATH), so a
+# conda environment (--sdm conda) needs only the dependencies, and a copy of the workflow runs its code.
+SRC = str(Path(workflow.basedir) / "src")
+sys.path.insert(0, SRC)
+os.environ.update(PYTHONPATH=os.pathsep.join([SRC, *filter(None, [os.environ.get("PYTHONPATH")])]))
 
 from writer_retrieval.config import (
     ConfigError,
     binarize_variants,
     cluster_variant,
+    code_version,
     codebook_variant,
     descriptors_variant,
     experiment_grid,
@@ -18,6 +28,7 @@ from writer_retrieval.config import (
     patches_variant,
     pretrain_variant,
     segment_variant,
+    settings_hash,
     uses_sam,
     validate_config,
     vlad_variant,
@@ -59,36 +70,13 @@ CLUSTER = {d: dict(cluster_variant(config, d, f) for f in SAGHOG_FEATURES) for d
 FINETUNE = {d: dict(v for f in SAGHOG_FEATURES if (v := finetune_variant(config, d, f))) for d in config["datasets"]}
 GRID = experiment_grid(config)
 EXPERIMENTS = {(e["dataset"], e["folder"]): e for e in GRID}
-
-
-def has_ground_truth(dataset):
-    return config["datasets"][dataset]["adapter"] == "synthetic"
-
-
-def feature_kind(dataset, fvariant):
-    return FEATURES[dataset][fvariant]["kind"]
-
-
-def variants_of_kind(kind):
-    """Regex alternatives of the feature folders of one kind (rules producing them are kind-specific)."""
-    names = sorted({v for d in FEATURES for v, s in FEATURES[d].items() if s["kind"] == kind})
-    return "|".join(map(re.escape, names)) or "(?!)"
-
-
-def used_clusters(dataset):
-    """Pseudo-label folders of the SAGHOG extractors an experiment on `dataset` uses."""
-    return sorted({cluster_variant(config, dataset, e["features"])[0] for e in GRID
-                   if e["dataset"] == dataset and e["features"] in SAGHOG_FEATURES})
-
-
-def shard_ids(dataset):
-    """Shards of a dataset's index ('0000', ...); known once the dataset checkpoint has run."""
-    import pyarrow.parquet as pq
-
-    from writer_retrieval.binarize import n_shards
-
-    index = checkpoints.dataset.get(dataset=dataset).output.index
-    return [f"{i:04d}" for i in range(n_shards(pq.ParquetFile(index).metadata.num_rows, config["shard_size"]))]
+# Code version of every stage (its script and the library modules it imports): a rule param, so an
+# edit re-runs the stages that depend on the edited code and what follows them, nothing else.
+CODE = {s: code_version(s, workflow.basedir) for s in ("dataset", "segment", "binarize", "features", "patches",
+                                                       "cluster", "pretrain", "finetune", "embed", "vlad", "pca",
+                                                       "rerank", "retrieval", "report")}
+STAGES_OF_KIND = {"sift": ["features", "vlad"], "vit": ["pretrain", "embed", "vlad"],
+                  "saghog": ["patches", "cluster", "pretrain", "finetune", "embed"]}
 
 
 wildcard_constraints:
@@ -108,6 +96,7 @@ wildcard_constraints:
     shard=r"\d{4}",
 
 
+include: "rules/common.smk"
 include: "rules/dataset.smk"
 include: "rules/segment.smk"
 include: "rules/binarize.smk"

@@ -1,16 +1,6 @@
 # Stage 2: binarization (ink masks, stats, quality against ground truth), one job per shard of the index.
 
 
-def binarize_shard_tables(wc):
-    return [f"{RESULTS}/{wc.dataset}/binarize/{wc.variant}/shards/{s}.parquet" for s in shard_ids(wc.dataset)]
-
-
-def segment_shard_table(wc):
-    """sam+X binarizers wait for the page regions of their shard."""
-    segment = BINARIZE[wc.dataset][wc.variant].get("segment")
-    return [f"{RESULTS}/{wc.dataset}/segment/{segment}/shards/{wc.shard}.parquet"] if segment else []
-
-
 rule binarize_shard:
     input:
         index=f"{RESULTS}/{{dataset}}/index.parquet",
@@ -18,6 +8,7 @@ rule binarize_shard:
     output:
         f"{RESULTS}/{{dataset}}/binarize/{{variant}}/shards/{{shard}}.parquet",
     params:
+        code=CODE["binarize"],
         settings=lambda wc: BINARIZE[wc.dataset][wc.variant],
         shard_size=config["shard_size"],
         masks_dir=lambda wc: f"{RESULTS}/{wc.dataset}/binarize/{wc.variant}/masks",
@@ -26,6 +17,8 @@ rule binarize_shard:
         else None,
     log:
         f"{RESULTS}/{{dataset}}/logs/binarize/{{variant}}/{{shard}}.log",
+    conda:
+        "../envs/cpu.yaml"
     script:
         "../scripts/binarize.py"
 
@@ -38,9 +31,12 @@ rule binarize:
         quality=f"{RESULTS}/{{dataset}}/binarize/{{variant}}/quality.parquet",
         settings=f"{RESULTS}/{{dataset}}/binarize/{{variant}}/settings.json",
     params:
+        code=CODE["binarize"],
         settings=lambda wc: BINARIZE[wc.dataset][wc.variant],
     log:
         f"{RESULTS}/{{dataset}}/logs/binarize/{{variant}}/merge.log",
+    conda:
+        "../envs/cpu.yaml"
     script:
         "../scripts/binarize.py"
 
@@ -51,8 +47,11 @@ rule binarize_quality_summary:
     output:
         f"{RESULTS}/{{dataset}}/binarize/quality_summary.parquet",
     params:
+        code=CODE["binarize"],
         variants=lambda wc: list(BINARIZE[wc.dataset]),
     log:
         f"{RESULTS}/{{dataset}}/logs/binarize/quality_summary.log",
+    conda:
+        "../envs/cpu.yaml"
     script:
         "../scripts/binarize.py"

@@ -2,10 +2,6 @@
 # ambiguous patches dropped), with a contact sheet of a few clusters for the report.
 
 
-def cluster_patches(wc):
-    return CLUSTER[wc.dataset][wc.clvariant]["patches"]
-
-
 rule cluster:
     input:
         index=f"{RESULTS}/{{dataset}}/index.parquet",
@@ -18,9 +14,12 @@ rule cluster:
         summary=f"{RESULTS}/{{dataset}}/cluster/{{clvariant}}/summary.json",
         contact_sheet=f"{RESULTS}/{{dataset}}/cluster/{{clvariant}}/contact_sheet.png",
     params:
+        code=CODE["cluster"],
         settings=lambda wc: {k: v for k, v in CLUSTER[wc.dataset][wc.clvariant].items() if k != "patches"},
     threads: 2
     log:
         f"{RESULTS}/{{dataset}}/logs/cluster/{{clvariant}}.log",
+    conda:
+        "../envs/cpu.yaml"
     script:
         "../scripts/cluster.py"

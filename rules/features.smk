@@ -1,10 +1,6 @@
 # Stage 3: local descriptors per page (SIFT on the binarized page), one job per shard of the index.
 
 
-def main_masks(wc):
-    return f"{RESULTS}/{wc.dataset}/binarize/{main_binarize_variant(config, wc.dataset)}/stats.parquet"
-
-
 rule features_shard:
     wildcard_constraints:
         fvariant=variants_of_kind("sift"),
@@ -17,10 +13,13 @@ rule features_shard:
         index=f"{RESULTS}/{{dataset}}/features/{{fvariant}}/shards/{{shard}}.parquet",
         stats=f"{RESULTS}/{{dataset}}/features/{{fvariant}}/shards/{{shard}}.stats.parquet",
     params:
+        code=CODE["features"],
         settings=lambda wc: FEATURES[wc.dataset][wc.fvariant],
         shard_size=config["shard_size"],
     log:
         f"{RESULTS}/{{dataset}}/logs/features/{{fvariant}}/{{shard}}.log",
+    conda:
+        "../envs/cpu.yaml"
     script:
         "../scripts/features.py"
 
@@ -30,7 +29,11 @@ rule features:
         lambda wc: [f"{RESULTS}/{wc.dataset}/features/{wc.fvariant}/shards/{s}.stats.parquet" for s in shard_ids(wc.dataset)],
     output:
         stats=f"{RESULTS}/{{dataset}}/features/{{fvariant}}/stats.parquet",
+    params:
+        code=CODE["features"],
     log:
         f"{RESULTS}/{{dataset}}/logs/features/{{fvariant}}/merge.log",
+    conda:
+        "../envs/cpu.yaml"
     script:
         "../scripts/features.py"

@@ -15,6 +15,7 @@ rule finetune:
         model=f"{RESULTS}/{{dataset}}/finetune/{{ftvariant}}/model.pt",
         log=f"{RESULTS}/{{dataset}}/finetune/{{ftvariant}}/log.parquet",
     params:
+        code=CODE["finetune"],
         settings=lambda wc: {k: v for k, v in FINETUNE[wc.dataset][wc.ftvariant].items()
                              if k not in ("pretrain", "cluster", "model")},
         model=lambda wc: FINETUNE[wc.dataset][wc.ftvariant]["model"],
@@ -25,5 +26,7 @@ rule finetune:
         gpu=lambda wc: 0 if saghog_feature(wc.dataset, "finetune", wc.ftvariant)["device"] == "cpu" else 1,
     log:
         f"{RESULTS}/{{dataset}}/logs/finetune/{{ftvariant}}.log",
+    conda:
+        "../envs/gpu.yaml"
     script:
         "../scripts/finetune.py"

@@ -1,20 +1,6 @@
 # Stage 3b: 32x32 patches at SIFT keypoints of the binarized page (SAGHOG), one job per shard of the index.
 
 
-def saghog_feature(dataset, stage, variant):
-    """The settings of a SAGHOG extractor whose `stage` folder (patches, cluster, finetune) is `variant`."""
-    of = {"patches": patches_variant, "cluster": cluster_variant, "finetune": finetune_variant}[stage]
-    for name in SAGHOG_FEATURES:
-        v = of(config, dataset, name)
-        if v and v[0] == variant:
-            return config["features"][name]
-    raise ValueError(f"no SAGHOG feature extractor uses {stage} folder {variant}")
-
-
-def patch_shards(dataset, patchvariant, suffix):
-    return [f"{RESULTS}/{dataset}/patches/{patchvariant}/shards/{s}.{suffix}" for s in shard_ids(dataset)]
-
-
 rule patches_shard:
     input:
         index=f"{RESULTS}/{{dataset}}/index.parquet",
@@ -25,10 +11,13 @@ rule patches_shard:
         index=f"{RESULTS}/{{dataset}}/patches/{{patchvariant}}/shards/{{shard}}.parquet",
         stats=f"{RESULTS}/{{dataset}}/patches/{{patchvariant}}/shards/{{shard}}.stats.parquet",
     params:
+        code=CODE["patches"],
         settings=lambda wc: PATCHES[wc.dataset][wc.patchvariant],
         shard_size=config["shard_size"],
     log:
         f"{RESULTS}/{{dataset}}/logs/patches/{{patchvariant}}/{{shard}}.log",
+    conda:
+        "../envs/cpu.yaml"
     script:
         "../scripts/patches.py"
 
@@ -38,7 +27,11 @@ rule patches:
         lambda wc: patch_shards(wc.dataset, wc.patchvariant, "stats.parquet"),
     output:
         stats=f"{RESULTS}/{{dataset}}/patches/{{patchvariant}}/stats.parquet",
+    params:
+        code=CODE["patches"],
     log:
         f"{RESULTS}/{{dataset}}/logs/patches/{{patchvariant}}/merge.log",
+    conda:
+        "../envs/cpu.yaml"
     script:
         "../scripts/patches.py"

@@ -4,25 +4,6 @@
 # A killed run resumes from checkpoint.pt (kept beside the outputs) when the job is started again.
 
 
-def pretrain_settings(wc):
-    return PRETRAIN[wc.dataset][wc.pvariant]
-
-
-def pretrain_feature(wc):
-    """The settings of a feature extractor that uses this pretraining run (device, gpus)."""
-    for name, feat in config["features"].items():
-        variant = pretrain_variant(config, wc.dataset, name)
-        if variant and variant[0] == wc.pvariant:
-            return feat
-    raise ValueError(f"no feature extractor uses pretraining run {wc.pvariant}")
-
-
-def pretrain_patches(wc, suffix):
-    """SAGHOG trains on patch shards; the window methods on page masks."""
-    settings = PRETRAIN[wc.dataset][wc.pvariant]
-    return patch_shards(wc.dataset, settings["patches"], suffix) if "patches" in settings else []
-
-
 rule pretrain:
     input:
         index=f"{RESULTS}/{{dataset}}/index.parquet",
@@ -37,6 +18,7 @@ rule pretrain:
         backbone=f"{RESULTS}/{{dataset}}/pretrain/{{pvariant}}/backbone.pt",
         log=f"{RESULTS}/{{dataset}}/pretrain/{{pvariant}}/log.parquet",
     params:
+        code=CODE["pretrain"],
         settings=pretrain_settings,
         device=lambda wc: pretrain_feature(wc)["device"],
         gpus=lambda wc: pretrain_feature(wc)["gpus"],
@@ -46,5 +28,7 @@ rule pretrain:
         gpu=lambda wc: pretrain_feature(wc)["gpus"] if pretrain_feature(wc)["device"] != "cpu" else 0,
     log:
         f"{RESULTS}/{{dataset}}/logs/pretrain/{{pvariant}}.log",
+    conda:
+        "../envs/gpu.yaml"
     script:
         "../scripts/pretrain.py"

@@ -1,10 +1,6 @@
 # Stage 7: results/benchmark.parquet (all metrics rows) and results/report.html.
 
 
-def experiment_files(name):
-    return [f"{RESULTS}/{e['dataset']}/experiments/{e['folder']}/{name}" for e in GRID]
-
-
 rule report:
     input:
         metrics=experiment_files("metrics.parquet"),
@@ -21,9 +17,12 @@ rule report:
         losses=report(f"{RESULTS}/report/pretraining.png", category="Pretraining"),
         html=f"{RESULTS}/report.html",
     params:
+        code=CODE["report"],
         grid=[{"dataset": e["dataset"], "folder": e["folder"]} for e in GRID],
         settings=config["report"],
     log:
         f"{RESULTS}/logs/report.log",
+    conda:
+        "../envs/cpu.yaml"
     script:
         "../scripts/report.py"

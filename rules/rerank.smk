@@ -1,8 +1,6 @@
 # Stage 6a: reranking of the test split's descriptors (kRNN, SGR, GNN) on sparse top-k graphs.
 # A reranker's own folder: changing its parameters reruns only reranking and scoring.
 
-RERANKED = {(e["dataset"], e["reranked"]): e for e in GRID if e["reranked"]}
-
 
 rule rerank:
     input:
@@ -10,9 +8,12 @@ rule rerank:
     output:
         f"{RESULTS}/{{dataset}}/rerank/{{rvariant}}/reranked.npz",
     params:
+        code=CODE["rerank"],
         settings=lambda wc: config["rerank"][RERANKED[(wc.dataset, wc.rvariant)]["rerank"]],
     threads: 2
     log:
         f"{RESULTS}/{{dataset}}/logs/rerank/{{rvariant}}.log",
+    conda:
+        "../envs/cpu.yaml"
     script:
         "../scripts/rerank.py"

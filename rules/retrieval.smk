@@ -13,9 +13,13 @@ rule retrieval:
         rankings=f"{RESULTS}/{{dataset}}/experiments/{{experiment}}/rankings.parquet",
         metrics=f"{RESULTS}/{{dataset}}/experiments/{{experiment}}/metrics.parquet",
     params:
+        code=CODE["retrieval"],
         experiment=lambda wc: {k: v for k, v in EXPERIMENTS[(wc.dataset, wc.experiment)].items() if k != "folder"},
+        code_version=lambda wc: experiment_code_version(EXPERIMENTS[(wc.dataset, wc.experiment)]),
     threads: 2
     log:
         f"{RESULTS}/{{dataset}}/logs/experiments/{{experiment}}.log",
+    conda:
+        "../envs/cpu.yaml"
     script:
         "../scripts/retrieval.py"

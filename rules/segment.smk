@@ -8,6 +8,7 @@ rule segment_shard:
     output:
         f"{RESULTS}/{{dataset}}/segment/{{svariant}}/shards/{{shard}}.parquet",
     params:
+        code=CODE["segment"],
         settings=lambda wc: SEGMENT[wc.dataset][1],
         shard_size=config["shard_size"],
         out_dir=lambda wc: f"{RESULTS}/{wc.dataset}/segment/{wc.svariant}",
@@ -16,6 +17,8 @@ rule segment_shard:
         gpu=lambda wc: 0 if config["preprocess"]["sam"]["device"] == "cpu" else 1,
     log:
         f"{RESULTS}/{{dataset}}/logs/segment/{{svariant}}/{{shard}}.log",
+    conda:
+        "../envs/gpu.yaml"
     script:
         "../scripts/segment.py"
 
@@ -25,7 +28,11 @@ rule segment:
         lambda wc: [f"{RESULTS}/{wc.dataset}/segment/{wc.svariant}/shards/{s}.parquet" for s in shard_ids(wc.dataset)],
     output:
         f"{RESULTS}/{{dataset}}/segment/{{svariant}}/segments.parquet",
+    params:
+        code=CODE["segment"],
     log:
         f"{RESULTS}/{{dataset}}/logs/segment/{{svariant}}/merge.log",
+    conda:
+        "../envs/gpu.yaml"
     script:
         "../scripts/segment.py"

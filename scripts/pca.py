@@ -2,9 +2,8 @@
 import numpy as np
 import pandas as pd
 
-from writer_retrieval.embed import sum_pooled_cls
 from writer_retrieval.logs import stage_logging
-from writer_retrieval.pca import whiten
+from writer_retrieval.pca import sum_pooled_cls, whiten
 
 if __name__ == "__main__":
     sm = snakemake

@@ -14,5 +14,6 @@ if __name__ == "__main__":
         pca = json.loads(open(sm.input.pca).read())
         labels = {k: exp[k] for k in ("dataset", "features", "aggregation", "rerank", "settings_hash")}
         labels["pca_fit_on"] = pca["pca_fit_on"]
+        labels["code_version"] = sm.params.code_version
         run_experiment(sm.input.descriptors, sm.input.index, labels, dict(exp["settings"]), sm.output.rankings,
                        sm.output.metrics, reranked_path=sm.input.reranked[0] if sm.input.reranked else None)

@@ -2,12 +2,11 @@
 import faiss
 
 from writer_retrieval import vlad
-from writer_retrieval.embed import load_tokens
 from writer_retrieval.features import load_descriptors
 from writer_retrieval.logs import stage_logging
 
 # Local descriptors per page, by feature kind: RootSIFT, or ViT foreground patch tokens.
-LOADERS = {"sift": load_descriptors, "vit": load_tokens}
+LOADERS = {"sift": load_descriptors, "vit": vlad.load_tokens}
 
 if __name__ == "__main__":
     sm = snakemake

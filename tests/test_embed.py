@@ -3,7 +3,8 @@ import pandas as pd
 import pytest
 import torch
 
-from writer_retrieval.embed import embed_page, foreground_patches, fuse_layers, page_windows, sum_pooled_cls
+from writer_retrieval.embed import embed_page, foreground_patches, fuse_layers, page_windows
+from writer_retrieval.pca import sum_pooled_cls
 from writer_retrieval.storage import write_npy, write_parquet
 
 TINY = {"arch": "vit_tiny_patch16_224", "img_size": 64, "patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2}

@@ -112,6 +112,81 @@ def test_changing_a_rerankers_parameter_reruns_only_reranking_and_scoring(tiny_r
     assert jobs == {"rerank": 1, "retrieval": 1, "report": 1, "all": 1}
 
 
+def test_adding_an_experiment_runs_only_its_new_jobs(tiny_run, tmp_path):
+    def add(cfg):  # a second grid entry: exclude_same page (a new experiment on the same descriptors)
+        cfg["experiments"].append({"dataset": "tiny", "rerank": ["none", "krnn"], "exclude_same": "page"})
+
+    jobs = dry_run_jobs(tiny_run, tmp_path, add)
+    assert jobs == {"retrieval": 2, "report": 1, "all": 1}
+
+
+def workflow_copy(tmp_path) -> Path:
+    """A copy of the workflow's code (Snakefile, rules, scripts, src), to edit without touching the repo."""
+    import shutil
+
+    copy = tmp_path / "workflow"
+    copy.mkdir()
+    for part in ("Snakefile", "rules", "scripts", "src", "configs", "config.yaml"):
+        source = REPO / part
+        if source.is_dir():
+            shutil.copytree(source, copy / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy(source, copy / part)
+    return copy
+
+
+def copy_dry_run(copy: Path, workdir: Path) -> dict[str, int]:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run([str(SNAKEMAKE), "-s", str(copy / "Snakefile"), "-d", str(workdir), "--configfile",
+                           str(REPO / "configs" / "tiny.yaml"), "--cores", "2", "-n"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return job_counts(proc.stdout + proc.stderr)
+
+
+def test_editing_a_library_module_reruns_its_stage_and_what_follows(tiny_run, tmp_path):
+    copy = workflow_copy(tmp_path)
+    # An unchanged copy of the code is the same code version: nothing to do.
+    assert copy_dry_run(copy, tiny_run) == {}
+    # Comments and formatting are not code: still nothing to do.
+    pca = copy / "src" / "writer_retrieval" / "pca.py"
+    original = pca.read_text()
+    pca.write_text(original + "\n# a comment only\n")
+    assert copy_dry_run(copy, tiny_run) == {}
+    # A real edit of the whitening module re-runs whitening and what follows, nothing upstream.
+    pca.write_text(pca.read_text() + "\nPCA_EDITED = True\n")
+    assert copy_dry_run(copy, tiny_run) == {"descriptors": 1, "rerank": 3, "retrieval": 4, "report": 1, "all": 1}
+    pca.write_text(original)
+    # The reranking module: reranking, and scoring (which reads reranked rows through that module).
+    rerank = copy / "src" / "writer_retrieval" / "rerank.py"
+    rerank.write_text(rerank.read_text() + "\nRERANK_EDITED = True\n")
+    assert copy_dry_run(copy, tiny_run) == {"rerank": 3, "retrieval": 4, "report": 1, "all": 1}
+    # A module shared by many stages (imaging: page and mask I/O) re-runs from the first stage importing it.
+    imaging = copy / "src" / "writer_retrieval" / "imaging.py"
+    imaging.write_text(imaging.read_text() + "\nIMAGING_EDITED = True\n")
+    jobs = copy_dry_run(copy, tiny_run)
+    assert {"dataset", "report"} <= set(jobs)
+
+
+def test_a_second_run_from_scratch_gives_identical_metrics(tiny_run, tmp_path):
+    proc = snakemake(tmp_path, REPO / "configs" / "tiny.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    columns = ["features", "aggregation", "rerank", "map", "top1", "p_at_5", "p_at_10", "n_queries",
+               "median_first_hit_rank", "settings_hash", "code_version"]
+    first = pd.read_parquet(tiny_run / "results" / "benchmark.parquet")[columns]
+    second = pd.read_parquet(tmp_path / "results" / "benchmark.parquet")[columns]
+    pd.testing.assert_frame_equal(first, second)  # bit-identical floats, same order
+
+
+def test_metrics_rows_carry_settings_hash_and_code_version(tiny_run):
+    bench = pd.read_parquet(tiny_run / "results" / "benchmark.parquet")
+    assert bench.settings_hash.str.fullmatch(r"[0-9a-f]{10}").all()
+    assert bench.code_version.str.fullmatch(r"[0-9a-f]{10}").all()
+    # Reranked rows include the reranking stage's code, so their version differs from the plain row's.
+    assert bench.groupby(bench.rerank == "none").code_version.nunique().tolist() == [1, 1]
+    assert bench.code_version.nunique() == 2
+
+
 def test_benchmark_outputs_and_schemas(tiny_run):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -1,6 +1,7 @@
 """Configuration: JSON-schema validation with readable errors, defaults, and settings hashes."""
 from __future__ import annotations
 
+import ast
 import copy
 import difflib
 import hashlib
@@ -321,3 +322,65 @@ def experiment_grid(config: dict) -> list[dict]:
                                  "rerank": rerank, "descriptors": desc, "reranked": reranked, "folder": folder,
                                  "settings_hash": folder.rsplit("-", 1)[1], "settings": settings})
     return grid
+
+
+def _imported_modules(tree: ast.AST, package: str, current: str) -> set[str]:
+    """Dotted names of the workflow package's modules a parsed file imports (anywhere in it)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == package)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against the importing module's package
+                base = current.split(".")[: len(current.split(".")) - node.level]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            if module.split(".")[0] == package:
+                found.add(module)
+                found.update(f"{module}.{a.name}" for a in node.names)  # `from pkg import module`
+    return found
+
+
+def code_version(script: str, workflow_dir) -> str:
+    """Version of a stage's code: a hash of scripts/<script>.py and every module of the package it
+    imports, directly or through other modules (comments and formatting do not count: the hash
+    is over the parsed syntax tree). A stage rule passes it as a param, so editing a library
+    module re-runs exactly the stages whose code depends on it, and what follows them."""
+    return settings_hash("code", sorted(_code_trees(script, workflow_dir).items()))
+
+
+def _code_trees(script: str, workflow_dir) -> dict[str, str]:
+    from pathlib import Path
+
+    root = Path(workflow_dir)
+    package_dir = Path(__file__).resolve().parent
+    package = package_dir.name
+    files = {}
+    todo = [(root / "scripts" / f"{script}.py", "__main__")]
+    seen = set()
+    while todo:
+        path, name = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        tree = ast.parse(path.read_text(), filename=str(path))
+        files[str(path.relative_to(root) if path.is_relative_to(root) else path.relative_to(package_dir.parent))] = \
+            ast.dump(tree, annotate_fields=False)
+        # Relative imports resolve against the module's package (an __init__ is inside its own).
+        for module in _imported_modules(tree, package, f"{name}.__init__" if path.name == "__init__.py" else name):
+            rel = module.split(".")[1:]
+            candidates = [package_dir.joinpath(*rel).with_suffix(".py"), package_dir.joinpath(*rel, "__init__.py")]
+            for candidate in candidates:
+                if rel and candidate.is_file():
+                    todo.append((candidate, module))
+                    break
+            else:
+                if not rel:
+                    todo.append((package_dir / "__init__.py", package))
+    return files
+
+
+def code_files(script: str, workflow_dir) -> list[str]:
+    """The files code_version(script) covers (for logs and tests)."""
+    return sorted(_code_trees(script, workflow_dir))

@@ -154,21 +154,6 @@ def token_width(settings: dict) -> int:
     return dim * settings["layers"] if settings["fuse"] == "concat" else dim
 
 
-def load_tokens(tokens_path, shard_index_path) -> dict[str, np.ndarray]:
-    """doc_id -> foreground patch tokens (float32) of one shard."""
-    stacked = np.load(tokens_path, mmap_mode="r")
-    index = pd.read_parquet(shard_index_path)
-    return {d: np.asarray(stacked[o:o + n], np.float32) for d, n, o in zip(index.doc_id, index.n_tokens, index.offset)}
-
-
-def sum_pooled_cls(cls_path, shard_index_path) -> dict[str, np.ndarray]:
-    """doc_id -> sum of the page's window [CLS] tokens (zeros for a page without foreground)."""
-    stacked = np.load(cls_path, mmap_mode="r")
-    index = pd.read_parquet(shard_index_path)
-    return {d: np.asarray(stacked[o:o + n], np.float64).sum(axis=0).astype(np.float32)
-            for d, n, o in zip(index.doc_id, index.n_windows, index.cls_offset)}
-
-
 # --------------------------------------------------------------------------------------------
 # Patch path (SAGHOG): page descriptor = power-normalised sum of its patch encodings
 # --------------------------------------------------------------------------------------------

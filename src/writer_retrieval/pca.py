@@ -78,6 +78,14 @@ def read_descriptors(path) -> tuple[pd.DataFrame, np.ndarray]:
     return table.drop(["descriptor"]).to_pandas(), matrix
 
 
+def sum_pooled_cls(cls_path, shard_index_path) -> dict[str, np.ndarray]:
+    """doc_id -> sum of the page's window [CLS] tokens (zeros for a page without foreground)."""
+    stacked = np.load(cls_path, mmap_mode="r")
+    index = pd.read_parquet(shard_index_path)
+    return {d: np.asarray(stacked[o:o + n], np.float64).sum(axis=0).astype(np.float32)
+            for d, n, o in zip(index.doc_id, index.n_windows, index.cls_offset)}
+
+
 def whiten(doc_ids, vectors: np.ndarray, index_path, settings: dict, out_path, info_path) -> pa.Table:
     """Fit whitening on `settings['pca_fit_on']` rows, transform all, write descriptors.parquet."""
     index = pd.read_parquet(index_path)

@@ -127,7 +127,7 @@ def write_report(benchmark_path, chart_path, experiments: list[dict], report_set
     """experiments: dicts with dataset, folder, rankings (path), index (path);
     figures: title -> (PNG path, caption) shown after the tables."""
     table = pd.read_parquet(benchmark_path)
-    shown = table.drop(columns=["settings_hash"]).copy()
+    shown = table.drop(columns=["settings_hash", "code_version"], errors="ignore").copy()
     for col in ("map", "top1", "p_at_5", "p_at_10", "chance_map"):
         shown[col] = (100 * shown[col]).map(lambda v: f"{v:.2f}")
     chart = base64.b64encode(Path(chart_path).read_bytes()).decode()

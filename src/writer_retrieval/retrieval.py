@@ -128,7 +128,7 @@ def evaluate(x: np.ndarray, writers, pages=None, exclude_same: str = "none", top
 
 METRICS_COLUMNS = ["dataset", "features", "aggregation", "rerank", "n_docs", "n_queries", "n_skipped_queries",
                    "map", "top1", "p_at_5", "p_at_10", "chance_map", "median_first_hit_rank", "pca_fit_on",
-                   "exclude_same", "settings_hash", "seconds"]
+                   "exclude_same", "settings_hash", "code_version", "seconds"]
 
 
 def run_experiment(descriptors_path, index_path, labels: dict, settings: dict, rankings_path, metrics_path,

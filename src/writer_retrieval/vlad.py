@@ -124,3 +124,10 @@ def encode_shard(descriptors_by_doc: dict[str, np.ndarray], codebook_path, setti
     write_npy(vectors, out_npy)
     write_parquet(pd.DataFrame({"doc_id": docs}), out_index)
     return vectors
+
+
+def load_tokens(tokens_path, shard_index_path) -> dict[str, np.ndarray]:
+    """doc_id -> foreground patch tokens (float32) of one shard."""
+    stacked = np.load(tokens_path, mmap_mode="r")
+    index = pd.read_parquet(shard_index_path)
+    return {d: np.asarray(stacked[o:o + n], np.float32) for d, n, o in zip(index.doc_id, index.n_tokens, index.offset)}
