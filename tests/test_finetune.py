@@ -46,13 +46,7 @@ def data(tmp_path_factory):
     return {"shards": shards, "labels": labels, "encoder": encoder, "root": root}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is as fast and does not suffer from busy neighbours."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # -- NetRVLAD ---------------------------------------------------------------------------------
 

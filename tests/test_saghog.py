@@ -55,13 +55,7 @@ def shards(tmp_path_factory):
     return write_patch_shards(tmp_path_factory.mktemp("patches"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is as fast and does not suffer from busy neighbours."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # -- HOG targets ------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .pretrain.backbone import resolve_device
-from .pretrain.loop import Optimization, train, wrap_ddp
+from .pretrain.loop import NetTrainer, train
 from .pretrain.saghog import PatchDataset, build_encoder, load_encoder, model_with_defaults
 
 log = logging.getLogger("writer_retrieval")
@@ -168,22 +168,16 @@ class FinetuneNet(nn.Module):
         return self.netrvlad(tokens[:, int(getattr(self.encoder, "num_prefix_tokens", 1)):])
 
 
-class FinetuneTrainer:
+class FinetuneTrainer(NetTrainer):
     loss_keys = ("loss", "valid_anchors")
-    last_keys = ("lr", "weight_decay")
 
     def __init__(self, s: dict, model: dict, encoder_path, device: torch.device, niter_per_epoch: int,
                  world_size: int = 1, ddp: bool = False):
-        self.s, self.device = s, device
         encoder = load_encoder(encoder_path, model, "cpu")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(s["seed"]))
-            self.net = FinetuneNet(encoder, int(s["clusters"])).to(device)
-        self.net_ddp = wrap_ddp(self.net, device, ddp)
-        self.opt = Optimization(self.net, s, niter_per_epoch, device, world_size, scale_lr=False)
-
-    def train_mode(self) -> None:
-        self.net.train()
+            net = FinetuneNet(encoder, int(s["clusters"]))
+        super().__init__(net, s, device, niter_per_epoch, world_size, ddp, scale_lr=False)
 
     def loss(self, patches, labels):
         """(multi-similarity loss, share of valid anchors) of a batch."""
@@ -199,13 +193,6 @@ class FinetuneTrainer:
         loss, valid = self.loss(patches, labels)
         self.opt.step(loss, it)
         return {"loss": loss.item(), "valid_anchors": valid, **scheduled}
-
-    def state_dict(self) -> dict:
-        return {"net": self.net.state_dict(), **self.opt.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.net.load_state_dict(state["net"])
-        self.opt.load_state_dict(state)
 
     def export(self) -> dict:
         return {"encoder": self.net.encoder.state_dict(), "netrvlad": self.net.netrvlad.state_dict()}

@@ -128,6 +128,30 @@ class Optimization:
         self.scaler.load_state_dict(state["scaler"])
 
 
+class NetTrainer:
+    """A trainer of one network `net` (DDP-wrapped as `net_ddp`) with one Optimization `opt`:
+    the state, train mode and loop keys every single-network method shares."""
+
+    last_keys = ("lr", "weight_decay")
+
+    def __init__(self, net: nn.Module, s: dict, device: torch.device, niter_per_epoch: int, world_size: int,
+                 ddp: bool, scale_lr: bool):
+        self.s, self.device = s, device
+        self.net = net.to(device)
+        self.net_ddp = wrap_ddp(self.net, device, ddp)
+        self.opt = Optimization(self.net, s, niter_per_epoch, device, world_size, scale_lr=scale_lr)
+
+    def train_mode(self) -> None:
+        self.net.train()
+
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), **self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state)
+
+
 def wrap_ddp(module: nn.Module, device: torch.device, ddp: bool) -> nn.Module:
     if not ddp:
         return module

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from .backbone import build_backbone, forward_tokens, to_input
-from .loop import AUGMENTATION, Optimization, WindowDataset, page_windows, train, wrap_ddp
+from .loop import AUGMENTATION, NetTrainer, WindowDataset, page_windows, train
 
 TASKS = ("flip", "rotation", "jigsaw", "sorting")
 REQUIRED_SETTINGS = ("method", "model", "epochs", "batch_size", "lr", "min_lr", "warmup_epochs", "weight_decay",
@@ -127,22 +127,16 @@ class PretextNet(nn.Module):
         return self.head(forward_tokens(self.backbone, img)[:, 0])
 
 
-class PretextTrainer:
+class PretextTrainer(NetTrainer):
     loss_keys = ("loss", "accuracy")
-    last_keys = ("lr", "weight_decay")
 
     def __init__(self, s: dict, n_classes: int, device: torch.device, niter_per_epoch: int, world_size: int = 1,
                  ddp: bool = False):
-        self.s, self.device = s, device
         backbone = build_backbone(s["model"], seed=int(s["seed"]))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(s["seed"]) + 1)
-            self.net = PretextNet(backbone, n_classes).to(device)
-        self.net_ddp = wrap_ddp(self.net, device, ddp)
-        self.opt = Optimization(self.net, s, niter_per_epoch, device, world_size)
-
-    def train_mode(self) -> None:
-        self.net.train()
+            net = PretextNet(backbone, n_classes)
+        super().__init__(net, s, device, niter_per_epoch, world_size, ddp, scale_lr=True)
 
     def step(self, batch, it: int, epoch: int) -> dict:
         images, labels = (t.to(self.device, non_blocking=self.device.type == "cuda") for t in batch)
@@ -153,13 +147,6 @@ class PretextTrainer:
         self.opt.step(loss, it)
         accuracy = (logits.argmax(1) == labels).float().mean().item()
         return {"loss": loss.item(), "accuracy": accuracy, **scheduled}
-
-    def state_dict(self) -> dict:
-        return {"net": self.net.state_dict(), **self.opt.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.net.load_state_dict(state["net"])
-        self.opt.load_state_dict(state)
 
     def export(self) -> dict:
         return self.net.backbone.state_dict()

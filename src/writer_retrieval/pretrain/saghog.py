@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from .backbone import resolve_device
-from .loop import Optimization, train, wrap_ddp
+from .loop import NetTrainer, train
 
 log = logging.getLogger("writer_retrieval")
 
@@ -335,19 +335,14 @@ class PatchDataset(torch.utils.data.Dataset):
 # Trainer and stage
 # --------------------------------------------------------------------------------------------
 
-class SaghogTrainer:
+class SaghogTrainer(NetTrainer):
     loss_keys = ("loss",)
-    last_keys = ("lr", "weight_decay")
 
     def __init__(self, s: dict, device: torch.device, niter_per_epoch: int, world_size: int = 1, ddp: bool = False,
                  rank: int = 0):
-        self.s, self.device, self.rank = s, device, int(rank)
-        self.net = SaghogMAE(s["model"], bins=int(s["hog_bins"]), seed=int(s["seed"])).to(device)
-        self.net_ddp = wrap_ddp(self.net, device, ddp)
-        self.opt = Optimization(self.net, s, niter_per_epoch, device, world_size, scale_lr=False)
-
-    def train_mode(self) -> None:
-        self.net.train()
+        net = SaghogMAE(s["model"], bins=int(s["hog_bins"]), seed=int(s["seed"]))
+        super().__init__(net, s, device, niter_per_epoch, world_size, ddp, scale_lr=False)
+        self.rank = int(rank)
 
     def loss(self, patches: torch.Tensor, it: int) -> torch.Tensor:
         generator = mask_generator(self.s["seed"], it, self.rank)
@@ -363,13 +358,6 @@ class SaghogTrainer:
         loss = self.loss(patches, it)
         self.opt.step(loss, it)
         return {"loss": loss.item(), **scheduled}
-
-    def state_dict(self) -> dict:
-        return {"net": self.net.state_dict(), **self.opt.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.net.load_state_dict(state["net"])
-        self.opt.load_state_dict(state)
 
     def export(self) -> dict:
         return self.net.encoder.state_dict()
