@@ -78,7 +78,8 @@ def main() -> None:
     if proc.returncode:
         sys.exit(proc.stderr[-3000:])
     print(f"dry run: {time.perf_counter() - start:.0f} s\n")
-    print(proc.stdout.strip())
+    table = proc.stdout[proc.stdout.index("Job stats:"):]
+    print(table[:table.index("total")].rstrip() + "\n" + table[table.index("total"):].split("\n")[0])
     shards = -(-args.documents // args.shard_size)
     print(f"\nshard_size {args.shard_size}: {shards} shards; per-document rules run once per shard, "
           f"not once per document ({args.documents} documents)")
