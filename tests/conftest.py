@@ -33,3 +33,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def stroke_page():
+    """A seeded binary page of random pen strokes (ink = True), for the pretraining tests."""
+    import cv2
+
+    def draw(seed, height=300, width=300) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        page = np.zeros((height, width), np.uint8)
+        for _ in range(40):
+            pts = rng.integers(0, [width, height], size=(4, 2)).astype(np.int32)
+            cv2.polylines(page, [pts], False, 1, thickness=int(rng.integers(2, 6)))
+        return page > 0
+
+    return draw

@@ -95,19 +95,8 @@ def test_tiles_must_divide_the_crop():
         T.settings_with_defaults(settings(crop_size=60))
 
 
-def stroke_page(seed, shape=(200, 200)):
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    img = np.zeros(shape, np.uint8)
-    for _ in range(40):
-        x0, y0 = rng.integers(0, shape[1]), rng.integers(0, shape[0])
-        cv2.line(img, (int(x0), int(y0)), (int(x0 + rng.integers(-30, 30)), int(y0 + rng.integers(5, 40))), 1, 2)
-    return img.astype(bool)
-
-
 @pytest.fixture(scope="module")
-def pages(tmp_path_factory):
+def pages(tmp_path_factory, stroke_page):
     d = tmp_path_factory.mktemp("pretext_pages")
     paths = []
     for i in range(2):

@@ -28,19 +28,8 @@ def settings(**over):
     return s
 
 
-def stroke_page(seed, height=300, width=300):
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    page = np.zeros((height, width), np.uint8)
-    for _ in range(40):
-        pts = rng.integers(0, [width, height], size=(4, 2)).astype(np.int32)
-        cv2.polylines(page, [pts], False, 1, thickness=int(rng.integers(2, 6)))
-    return page > 0
-
-
 @pytest.fixture(scope="module")
-def pages(tmp_path_factory):
+def pages(tmp_path_factory, stroke_page):
     d = tmp_path_factory.mktemp("pages")
     paths = []
     for i in range(3):
