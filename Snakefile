@@ -12,27 +12,19 @@ from snakemake.utils import min_version
 # conda environment (--sdm conda) needs only the dependencies, and a copy of the workflow runs its code.
 SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
-os.environ.update(PYTHONPATH=os.pathsep.join([SRC, *filter(None, [os.environ.get("PYTHONPATH")])]))
+os.environ.update(
+    PYTHONPATH=os.pathsep.join([SRC, *filter(None, [os.environ.get("PYTHONPATH")])])
+)
 
 from writer_retrieval.config import (
+    PRETRAIN_MODULES,
     ConfigError,
-    binarize_variants,
-    cluster_variant,
     code_version,
-    codebook_variant,
-    descriptors_variant,
-    experiment_grid,
-    features_variant,
-    finetune_variant,
-    main_binarize_variant,
-    patches_variant,
-    pretrain_variant,
-    segment_variant,
+    pretrain_code_skip,
     settings_hash,
-    uses_sam,
     validate_config,
-    vlad_variant,
 )
+from writer_retrieval.plan import FEATURE_STAGES, KINDS, Plan, plain
 
 min_version("9.0")
 
@@ -44,7 +36,6 @@ if not workflow.overwrite_configfiles:
     configfile: "config.yaml"
 
 
-
 # Validate before any job: an unknown or mistyped key stops here with the key and what is allowed.
 try:
     config.update(validate_config(config))
@@ -53,47 +44,54 @@ except ConfigError as exc:
 
 DATASETS = sorted({exp["dataset"] for exp in config["experiments"]})
 RESULTS = "results"
-# Folder name -> effective settings, per dataset and stage (names carry a hash of the settings).
-BINARIZE = {d: binarize_variants(config, d) for d in config["datasets"]}
-SEGMENT = {d: segment_variant(config, d) for d in config["datasets"]}
-FEATURES = {d: dict(features_variant(config, d, f) for f in config["features"]) for d in config["datasets"]}
-CODEBOOK = {d: dict(codebook_variant(config, d, f) for f in config["features"]) for d in config["datasets"]}
-VLAD = {d: dict(vlad_variant(config, d, f) for f in config["features"]) for d in config["datasets"]}
-DESCRIPTORS = {
-    d: dict(descriptors_variant(config, d, f, a) for f in config["features"] for a in config["features"][f]["aggregations"])
-    for d in config["datasets"]
-}
-PRETRAIN = {d: dict(v for f in config["features"] if (v := pretrain_variant(config, d, f))) for d in config["datasets"]}
-SAGHOG_FEATURES = [f for f in config["features"] if config["features"][f]["kind"] == "saghog"]
-PATCHES = {d: dict(patches_variant(config, d, f) for f in SAGHOG_FEATURES) for d in config["datasets"]}
-CLUSTER = {d: dict(cluster_variant(config, d, f) for f in SAGHOG_FEATURES) for d in config["datasets"]}
-FINETUNE = {d: dict(v for f in SAGHOG_FEATURES if (v := finetune_variant(config, d, f))) for d in config["datasets"]}
-GRID = experiment_grid(config)
-EXPERIMENTS = {(e["dataset"], e["folder"]): e for e in GRID}
+# Every stage variant of every experiment (folder names carry a hash of the result settings).
+PLAN = Plan(config)
 # Code version of every stage (its script and the library modules it imports): a rule param, so an
 # edit re-runs the stages that depend on the edited code and what follows them, nothing else.
-CODE = {s: code_version(s, workflow.basedir) for s in ("dataset", "segment", "binarize", "features", "patches",
-                                                       "cluster", "pretrain", "finetune", "embed", "vlad", "pca",
-                                                       "rerank", "retrieval", "report")}
-STAGES_OF_KIND = {"sift": ["features", "vlad"], "vit": ["pretrain", "embed", "vlad"],
-                  "saghog": ["patches", "cluster", "pretrain", "finetune", "embed"]}
+STAGE_SCRIPTS = {"codebook": "vlad", "descriptors": "pca", "experiment": "retrieval"}
+CODE = {
+    s: code_version(s, workflow.basedir)
+    for s in (
+        "dataset",
+        "segment",
+        "binarize",
+        "features",
+        "patches",
+        "cluster",
+        "finetune",
+        "embed",
+        "embed_patches",
+        "vlad",
+        "pca",
+        "rerank",
+        "retrieval",
+        "report",
+    )
+}
+# A pretraining run's code covers its own method's module only (editing jigsaw keeps AttMask runs).
+PRETRAIN_CODE = {
+    m: code_version("pretrain", workflow.basedir, pretrain_code_skip(m))
+    for m in PRETRAIN_MODULES
+}
 
 
 wildcard_constraints:
     dataset="|".join(map(re.escape, config["datasets"])),
-    variant=r"[a-z0-9+]+-[0-9a-f]{10}",
-    svariant=r"sam-[0-9a-f]{10}",
-    fvariant=r"[A-Za-z0-9_.-]+-[0-9a-f]{10}",
-    cvariant=r"[A-Za-z0-9_.-]+-[0-9a-f]{10}",
-    vvariant=r"[A-Za-z0-9_.-]+-[0-9a-f]{10}",
-    pvariant=r"[a-z0-9_]+-[0-9a-f]{10}",
-    patchvariant=r"patches-[0-9a-f]{10}",
-    clvariant=r"cluster-[0-9a-f]{10}",
-    ftvariant=r"[a-z0-9_]+-[0-9a-f]{10}",
-    dvariant=r"[A-Za-z0-9_.-]+-(vlad|sum)-[0-9a-f]{10}",
-    experiment=r"[A-Za-z0-9_.-]+-(vlad|sum)-[A-Za-z0-9_.]+-[0-9a-f]{10}",
-    rvariant=r"[A-Za-z0-9_.-]+-(vlad|sum)-[A-Za-z0-9_.]+-[0-9a-f]{10}",
+    folder=r"[A-Za-z0-9_.+-]+-[0-9a-f]{10}",
     shard=r"\d{4}",
+
+
+localrules:
+    all,
+    segment,
+    binarize,
+    binarize_quality_summary,
+    features,
+    embed,
+    embed_patches,
+    patches,
+    vlad,
+    report,
 
 
 include: "rules/common.smk"
@@ -106,6 +104,7 @@ include: "rules/cluster.smk"
 include: "rules/pretrain.smk"
 include: "rules/finetune.smk"
 include: "rules/embed.smk"
+include: "rules/embed_patches.smk"
 include: "rules/vlad.smk"
 include: "rules/pca.smk"
 include: "rules/rerank.smk"
@@ -117,11 +116,22 @@ rule all:
     default_target: True
     input:
         [f"{RESULTS}/{d}/index.parquet" for d in DATASETS],
-        [f"{RESULTS}/{d}/binarize/{v}/stats.parquet" for d in DATASETS for v in BINARIZE[d]],
-        [f"{RESULTS}/{d}/binarize/quality_summary.parquet" for d in DATASETS if has_ground_truth(d)],
-        [f"{RESULTS}/{d}/segment/{SEGMENT[d][0]}/segments.parquet" for d in DATASETS if uses_sam(config)],
-        [f"{RESULTS}/{e['dataset']}/features/{features_variant(config, e['dataset'], e['features'])[0]}/stats.parquet"
-         for e in GRID],
-        [f"{RESULTS}/{d}/cluster/{c}/contact_sheet.png" for d in DATASETS for c in used_clusters(d)],
+        [
+            stage_path(v, "settings.json")
+            for d in DATASETS
+            for v in PLAN.variants("binarize", d)
+        ],
+        [
+            f"{RESULTS}/{d}/binarize/quality_summary.parquet"
+            for d in DATASETS
+            if has_ground_truth(d)
+        ],
+        [
+            stage_path(v, "settings.json")
+            for d in DATASETS
+            for v in PLAN.variants("segment", d)
+        ],
+        cluster_files("contact_sheet.png"),
+        get_side_outputs,
         f"{RESULTS}/benchmark.parquet",
         f"{RESULTS}/report.html",

@@ -10,8 +10,9 @@ import time
 
 import torch
 
+from writer_retrieval.devices import resolve_device
 from writer_retrieval.embed import embed_windows
-from writer_retrieval.pretrain import build_backbone, resolve_device
+from writer_retrieval.vit import build_backbone
 
 MODELS = {
     "ViT-S/16 (paper)": {"arch": "vit_small_patch16_224", "img_size": 224, "patch_size": 16},

@@ -4,54 +4,59 @@
 rule binarize_shard:
     input:
         index=f"{RESULTS}/{{dataset}}/index.parquet",
-        segments=segment_shard_table,
+        segments=get_segment_shard,
+        regions=get_regions_dir,
     output:
-        f"{RESULTS}/{{dataset}}/binarize/{{variant}}/shards/{{shard}}.parquet",
-    params:
-        code=CODE["binarize"],
-        settings=lambda wc: BINARIZE[wc.dataset][wc.variant],
-        shard_size=config["shard_size"],
-        masks_dir=lambda wc: f"{RESULTS}/{wc.dataset}/binarize/{wc.variant}/masks",
-        regions_dir=lambda wc: f"{RESULTS}/{wc.dataset}/segment/{s}/regions"
-        if (s := BINARIZE[wc.dataset][wc.variant].get("segment"))
-        else None,
+        table=f"{RESULTS}/{{dataset}}/binarize/{{folder}}/shards/{{shard}}.parquet",
+        run=f"{RESULTS}/{{dataset}}/binarize/{{folder}}/shards/{{shard}}.run.json",
+        masks=directory(f"{RESULTS}/{{dataset}}/binarize/{{folder}}/masks/{{shard}}"),
     log:
-        f"{RESULTS}/{{dataset}}/logs/binarize/{{variant}}/{{shard}}.log",
+        f"{RESULTS}/{{dataset}}/logs/binarize/{{folder}}/{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/binarize/{{folder}}/{{shard}}.tsv"
+    wildcard_constraints:
+        folder=PLAN.folders("binarize"),
     conda:
         "../envs/cpu.yaml"
+    params:
+        code=CODE["binarize"],
+        settings=result_settings("binarize"),
+        shard_size=config["shard_size"],
     script:
         "../scripts/binarize.py"
 
 
 rule binarize:
     input:
-        binarize_shard_tables,
+        tables=shards_of("binarize", "parquet"),
+        runs=shards_of("binarize", "run.json"),
     output:
-        stats=f"{RESULTS}/{{dataset}}/binarize/{{variant}}/stats.parquet",
-        quality=f"{RESULTS}/{{dataset}}/binarize/{{variant}}/quality.parquet",
-        settings=f"{RESULTS}/{{dataset}}/binarize/{{variant}}/settings.json",
-    params:
-        code=CODE["binarize"],
-        settings=lambda wc: BINARIZE[wc.dataset][wc.variant],
+        stats=f"{RESULTS}/{{dataset}}/binarize/{{folder}}/stats.parquet",
+        quality=f"{RESULTS}/{{dataset}}/binarize/{{folder}}/quality.parquet",
+        settings=f"{RESULTS}/{{dataset}}/binarize/{{folder}}/settings.json",
     log:
-        f"{RESULTS}/{{dataset}}/logs/binarize/{{variant}}/merge.log",
+        f"{RESULTS}/{{dataset}}/logs/binarize/{{folder}}/merge.log",
+    wildcard_constraints:
+        folder=PLAN.folders("binarize"),
     conda:
         "../envs/cpu.yaml"
+    params:
+        code=CODE["binarize"],
     script:
         "../scripts/binarize.py"
 
 
 rule binarize_quality_summary:
     input:
-        lambda wc: [f"{RESULTS}/{wc.dataset}/binarize/{v}/quality.parquet" for v in BINARIZE[wc.dataset]],
+        get_binarize_quality,
     output:
         f"{RESULTS}/{{dataset}}/binarize/quality_summary.parquet",
-    params:
-        code=CODE["binarize"],
-        variants=lambda wc: list(BINARIZE[wc.dataset]),
     log:
         f"{RESULTS}/{{dataset}}/logs/binarize/quality_summary.log",
     conda:
         "../envs/cpu.yaml"
+    params:
+        code=CODE["binarize"],
+        variants=get_binarize_variants,
     script:
         "../scripts/binarize.py"

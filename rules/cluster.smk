@@ -5,21 +5,26 @@
 rule cluster:
     input:
         index=f"{RESULTS}/{{dataset}}/index.parquet",
-        descriptors=lambda wc: patch_shards(wc.dataset, cluster_patches(wc), "desc.npy"),
-        shard_index=lambda wc: patch_shards(wc.dataset, cluster_patches(wc), "parquet"),
-        patches=lambda wc: patch_shards(wc.dataset, cluster_patches(wc), "patches.npy"),
+        descriptors=get_patch_shards("cluster", "desc.npy"),
+        shard_index=get_patch_shards("cluster", "parquet"),
+        patches=get_patch_shards("cluster", "patches.npy"),
     output:
-        labels=f"{RESULTS}/{{dataset}}/cluster/{{clvariant}}/patches.parquet",
-        stats=f"{RESULTS}/{{dataset}}/cluster/{{clvariant}}/stats.parquet",
-        summary=f"{RESULTS}/{{dataset}}/cluster/{{clvariant}}/summary.json",
-        contact_sheet=f"{RESULTS}/{{dataset}}/cluster/{{clvariant}}/contact_sheet.png",
-    params:
-        code=CODE["cluster"],
-        settings=lambda wc: {k: v for k, v in CLUSTER[wc.dataset][wc.clvariant].items() if k != "patches"},
-    threads: 2
+        labels=f"{RESULTS}/{{dataset}}/cluster/{{folder}}/patches.parquet",
+        stats=f"{RESULTS}/{{dataset}}/cluster/{{folder}}/stats.parquet",
+        summary=f"{RESULTS}/{{dataset}}/cluster/{{folder}}/summary.json",
+        contact_sheet=f"{RESULTS}/{{dataset}}/cluster/{{folder}}/contact_sheet.png",
+        settings=f"{RESULTS}/{{dataset}}/cluster/{{folder}}/settings.json",
     log:
-        f"{RESULTS}/{{dataset}}/logs/cluster/{{clvariant}}.log",
+        f"{RESULTS}/{{dataset}}/logs/cluster/{{folder}}.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/cluster/{{folder}}.tsv"
+    wildcard_constraints:
+        folder=PLAN.folders("cluster"),
     conda:
         "../envs/cpu.yaml"
+    threads: 2
+    params:
+        code=CODE["cluster"],
+        settings=result_settings("cluster"),
     script:
         "../scripts/cluster.py"

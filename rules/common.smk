@@ -1,35 +1,36 @@
-# Input functions and lookups shared by the rules (kept apart from the rules, as Snakemake's linter asks).
+# Input functions shared by the rules: every variant comes from PLAN (writer_retrieval.plan), read
+# through the named functions below (kept apart from the rules, as Snakemake's linter asks).
 
 
 # Used across the workflow
 
 
-def experiment_code_version(exp):
-    """The code version of every stage on an experiment's path, recorded in its metrics row."""
-    stages = ["dataset", "binarize", *(["segment"] if uses_sam(config) else []),
-              *STAGES_OF_KIND[config["features"][exp["features"]]["kind"]], "pca",
-              *(["rerank"] if exp["rerank"] != "none" else []), "retrieval"]
-    return settings_hash("code", {stage: CODE[stage] for stage in stages})
+def job_variant(stage, wc):
+    return PLAN.job_variant(stage, wc)
+
+
+def result_settings(stage):
+    """Params function of a stage: its result settings (hashed; execution settings never reach params,
+    since a param change re-runs a job)."""
+
+    def get_result_settings(wc):
+        return plain(job_variant(stage, wc).result)
+
+    return get_result_settings
+
+
+def stage_path(variant, *parts):
+    return variant.path(RESULTS, *parts)
+
+
+def upstream(stage, wc, role, *parts):
+    """A file of the `role` input folder of this job's variant."""
+    variant = job_variant(stage, wc)
+    return stage_path(PLAN.variant(role, wc.dataset, variant.inputs[role]), *parts)
 
 
 def has_ground_truth(dataset):
     return config["datasets"][dataset]["adapter"] == "synthetic"
-
-
-def feature_kind(dataset, fvariant):
-    return FEATURES[dataset][fvariant]["kind"]
-
-
-def variants_of_kind(kind):
-    """Regex alternatives of the feature folders of one kind (rules producing them are kind-specific)."""
-    names = sorted({v for d in FEATURES for v, s in FEATURES[d].items() if s["kind"] == kind})
-    return "|".join(map(re.escape, names)) or "(?!)"
-
-
-def used_clusters(dataset):
-    """Pseudo-label folders of the SAGHOG extractors an experiment on `dataset` uses."""
-    return sorted({cluster_variant(config, dataset, e["features"])[0] for e in GRID
-                   if e["dataset"] == dataset and e["features"] in SAGHOG_FEATURES})
 
 
 def shard_ids(dataset):
@@ -39,144 +40,351 @@ def shard_ids(dataset):
     from writer_retrieval.binarize import n_shards
 
     index = checkpoints.dataset.get(dataset=dataset).output.index
-    return [f"{i:04d}" for i in range(n_shards(pq.ParquetFile(index).metadata.num_rows, config["shard_size"]))]
+    return [
+        f"{i:04d}"
+        for i in range(
+            n_shards(pq.ParquetFile(index).metadata.num_rows, config["shard_size"])
+        )
+    ]
 
 
-# Used by rules/binarize.smk
+def shard_files(variant, *suffixes):
+    """One file per shard of a sharded stage's folder, for each suffix."""
+    return [
+        stage_path(variant, "shards", f"{s}.{suffix}")
+        for suffix in suffixes
+        for s in shard_ids(variant.dataset)
+    ]
 
 
-def binarize_shard_tables(wc):
-    return [f"{RESULTS}/{wc.dataset}/binarize/{wc.variant}/shards/{s}.parquet" for s in shard_ids(wc.dataset)]
+def shards_of(stage, *suffixes):
+    def get_shard_files(wc):
+        return shard_files(job_variant(stage, wc), *suffixes)
+
+    return get_shard_files
 
 
-def segment_shard_table(wc):
+# Outputs that no later job reads (per stage folder and per shard) are requested by `all`, so that a
+# deleted one re-runs its stage (Snakemake does not regenerate a missing input of an up-to-date job).
+SIDE_OUTPUTS = {
+    "segment": (["segments.parquet"], ["pages", "regions"]),
+    "binarize": (["stats.parquet", "quality.parquet"], ["masks"]),
+    "features": (["stats.parquet"], []),
+    "embed": (["stats.parquet"], []),
+    "embed_patches": (["stats.parquet"], []),
+    "patches": (["stats.parquet"], []),
+    "pretrain": (["checkpoint.pt", "inputs.json"], []),
+    "finetune": (["checkpoint.pt"], []),
+    "codebook": (["codebook.json"], []),
+}
+
+
+def get_side_outputs(wc):
+    files = []
+    for stage, (names, per_shard) in SIDE_OUTPUTS.items():
+        for variant in (v for d in DATASETS for v in PLAN.variants(stage, d)):
+            files += [stage_path(variant, name) for name in names]
+            files += [
+                stage_path(variant, name, s)
+                for name in per_shard
+                for s in shard_ids(variant.dataset)
+            ]
+    return files
+
+
+def gpu_count(stage):
+    """resources: gpu of a stage's jobs (a SLURM profile routes gpu > 0 to a GPU partition)."""
+
+    def get_gpus(wc):
+        execution = job_variant(stage, wc).execution
+        return 0 if execution["device"] == "cpu" else execution.get("gpus", 1)
+
+    return get_gpus
+
+
+def used_clusters(dataset):
+    """Pseudo-label folders of the SAGHOG extractors an experiment on `dataset` uses."""
+    names = {e.labels["features"] for e in PLAN.experiments if e.dataset == dataset}
+    return sorted(
+        {v.folder for f in names if (v := PLAN.of_feature("cluster", dataset, f))}
+    )
+
+
+def code_version_of(variant):
+    if variant.stage == "pretrain":
+        return PRETRAIN_CODE[variant.result["method"]]
+    return CODE[STAGE_SCRIPTS.get(variant.stage, variant.stage)]
+
+
+def get_code_version(stage):
+    def get_stage_code_version(wc):
+        return code_version_of(job_variant(stage, wc))
+
+    return get_stage_code_version
+
+
+def experiment_code_version(wc):
+    """The code version of every stage on an experiment's path, recorded in its metrics row."""
+    path = PLAN.path_of(job_variant("experiment", wc))
+    return settings_hash(
+        "code",
+        {"dataset": CODE["dataset"], **{v.stage: code_version_of(v) for v in path}},
+    )
+
+
+def get_experiment_labels(wc):
+    variant = job_variant("experiment", wc)
+    return {
+        "dataset": variant.dataset,
+        **plain(variant.labels),
+        "settings_hash": variant.hash,
+    }
+
+
+def get_path_settings(wc):
+    """settings.json of every stage on an experiment's path (per-stage seconds and device in its row)."""
+    return [
+        stage_path(v, "settings.json")
+        for v in PLAN.path_of(job_variant("experiment", wc))[:-1]
+    ]
+
+
+def experiment_files(name):
+    return [stage_path(e, name) for e in PLAN.experiments]
+
+
+# Used by rules/dataset.smk
+
+
+def get_dataset_settings(wc):
+    return config["datasets"][wc.dataset]
+
+
+def get_dataset_manifest(wc):
+    """Names, sizes and mtimes of the files under root (no image is decoded): a changed file re-runs."""
+    from writer_retrieval.dataset import source_manifest
+
+    return source_manifest(config["datasets"][wc.dataset])
+
+
+# Used by rules/segment.smk and rules/binarize.smk
+
+
+def get_segment_shard(wc):
     """sam+X binarizers wait for the page regions of their shard."""
-    segment = BINARIZE[wc.dataset][wc.variant].get("segment")
-    return [f"{RESULTS}/{wc.dataset}/segment/{segment}/shards/{wc.shard}.parquet"] if segment else []
+    variant = job_variant("binarize", wc)
+    return (
+        [upstream("binarize", wc, "segment", "shards", f"{wc.shard}.parquet")]
+        if "segment" in variant.inputs
+        else []
+    )
 
 
-# Used by rules/features.smk
+def get_regions_dir(wc):
+    variant = job_variant("binarize", wc)
+    return (
+        [upstream("binarize", wc, "segment", "regions", wc.shard)]
+        if "segment" in variant.inputs
+        else []
+    )
 
 
-def main_masks(wc):
-    return f"{RESULTS}/{wc.dataset}/binarize/{main_binarize_variant(config, wc.dataset)}/stats.parquet"
+def get_binarize_variants(wc):
+    return [v.folder for v in PLAN.variants("binarize", wc.dataset)]
 
 
-# Used by rules/patches.smk
+def get_binarize_quality(wc):
+    return [
+        stage_path(v, "quality.parquet") for v in PLAN.variants("binarize", wc.dataset)
+    ]
 
 
-def saghog_feature(dataset, stage, variant):
-    """The settings of a SAGHOG extractor whose `stage` folder (patches, cluster, finetune) is `variant`."""
-    of = {"patches": patches_variant, "cluster": cluster_variant, "finetune": finetune_variant}[stage]
-    for name in SAGHOG_FEATURES:
-        v = of(config, dataset, name)
-        if v and v[0] == variant:
-            return config["features"][name]
-    raise ValueError(f"no SAGHOG feature extractor uses {stage} folder {variant}")
+def get_main_masks(wc):
+    return stage_path(PLAN.main_binarize(wc.dataset), "stats.parquet")
 
 
-def patch_shards(dataset, patchvariant, suffix):
-    return [f"{RESULTS}/{dataset}/patches/{patchvariant}/shards/{s}.{suffix}" for s in shard_ids(dataset)]
+# Used by the feature stages (features, patches, cluster, pretrain, finetune, embed, embed_patches)
 
 
-# Used by rules/cluster.smk
+def get_patch_shards(stage, *suffixes):
+    def get_patch_shard_files(wc):
+        variant = job_variant(stage, wc)
+        return shard_files(
+            PLAN.variant("patches", wc.dataset, variant.inputs["patches"]), *suffixes
+        )
+
+    return get_patch_shard_files
 
 
-def cluster_patches(wc):
-    return CLUSTER[wc.dataset][wc.clvariant]["patches"]
+def get_patch_shard(stage, suffix):
+    def get_patch_shard_file(wc):
+        return upstream(stage, wc, "patches", "shards", f"{wc.shard}.{suffix}")
+
+    return get_patch_shard_file
 
 
-# Used by rules/pretrain.smk
+def get_pretrain_masks(wc):
+    """Window methods train on page masks; SAGHOG on patch shards."""
+    return (
+        get_main_masks(wc) if "binarize" in job_variant("pretrain", wc).inputs else []
+    )
 
 
-def pretrain_settings(wc):
-    return PRETRAIN[wc.dataset][wc.pvariant]
+def get_pretrain_segments(wc):
+    """With SAM preprocessing, pages with too little writing are left out of pretraining."""
+    variant = job_variant("pretrain", wc)
+    return (
+        [upstream("pretrain", wc, "segment", "segments.parquet")]
+        if "segment" in variant.inputs
+        else []
+    )
 
 
-def pretrain_feature(wc):
-    """The settings of a feature extractor that uses this pretraining run (device, gpus)."""
-    for name, feat in config["features"].items():
-        variant = pretrain_variant(config, wc.dataset, name)
-        if variant and variant[0] == wc.pvariant:
-            return feat
-    raise ValueError(f"no feature extractor uses pretraining run {wc.pvariant}")
+def get_pretrain_patches(suffix):
+    def get_pretrain_patch_files(wc):
+        return (
+            get_patch_shards("pretrain", suffix)(wc)
+            if "patches" in job_variant("pretrain", wc).inputs
+            else []
+        )
+
+    return get_pretrain_patch_files
 
 
-def pretrain_patches(wc, suffix):
-    """SAGHOG trains on patch shards; the window methods on page masks."""
-    settings = PRETRAIN[wc.dataset][wc.pvariant]
-    return patch_shards(wc.dataset, settings["patches"], suffix) if "patches" in settings else []
+def get_backbone(stage):
+    """The pretrained backbone of an embedding variant, or nothing for an untrained (random) ViT."""
+
+    def get_backbone_file(wc):
+        variant = job_variant(stage, wc)
+        return (
+            [upstream(stage, wc, "pretrain", "backbone.pt")]
+            if "pretrain" in variant.inputs
+            else []
+        )
+
+    return get_backbone_file
 
 
-# Used by rules/embed.smk
+def get_finetuned(wc):
+    variant = job_variant("embed_patches", wc)
+    return (
+        [upstream("embed_patches", wc, "finetune", "model.pt")]
+        if "finetune" in variant.inputs
+        else []
+    )
 
 
-def embed_backbone(wc):
-    """The pretrained backbone, or nothing for an untrained (random) ViT."""
-    for feature in config["features"]:
-        if features_variant(config, wc.dataset, feature)[0] == wc.fvariant:
-            variant = pretrain_variant(config, wc.dataset, feature)
-            return [f"{RESULTS}/{wc.dataset}/pretrain/{variant[0]}/backbone.pt"] if variant else []
-    return []
+def get_output_dir(stage):
+    def get_stage_dir(wc):
+        return stage_path(job_variant(stage, wc))
 
-
-def saghog_models(wc):
-    """The SAGHOG patch encoder (pretrain stage) and, when fine-tuned, the NetRVLAD model."""
-    for feature in SAGHOG_FEATURES:
-        if features_variant(config, wc.dataset, feature)[0] == wc.fvariant:
-            tuned = finetune_variant(config, wc.dataset, feature)
-            return {"backbone": f"{RESULTS}/{wc.dataset}/pretrain/{pretrain_variant(config, wc.dataset, feature)[0]}/backbone.pt",
-                    "finetuned": [f"{RESULTS}/{wc.dataset}/finetune/{tuned[0]}/model.pt"] if tuned else [],
-                    "patches": patches_variant(config, wc.dataset, feature)[0]}
-    raise ValueError(f"{wc.fvariant} is not a SAGHOG feature extractor")
+    return get_stage_dir
 
 
 # Used by rules/vlad.smk
 
 
-# Local descriptors of each feature kind: SIFT descriptors or ViT foreground patch tokens.
-LOCAL_SUFFIX = {"sift": "desc.npy", "vit": "tokens.npy"}
+def features_variant_of(stage, wc):
+    """The page-features variant (SIFT, ViT tokens, SAGHOG vectors) a codebook, VLAD or descriptor reads."""
+    folder = job_variant(stage, wc).inputs["features"]
+    return next(
+        PLAN.variant(s, wc.dataset, folder)
+        for s in FEATURE_STAGES
+        if folder in {v.folder for v in PLAN.variants(s, wc.dataset)}
+    )
 
 
-def feature_shards(dataset, fvariant, suffix):
-    if suffix == "local":
-        suffix = LOCAL_SUFFIX[feature_kind(dataset, fvariant)]
-    return [f"{RESULTS}/{dataset}/features/{fvariant}/shards/{s}.{suffix}" for s in shard_ids(dataset)]
+def get_local_descriptors(stage, suffix=None):
+    """Local descriptors (VLAD input) of every shard, or of this job's shard."""
+
+    def get_local_files(wc):
+        variant = features_variant_of(stage, wc)
+        name = suffix or KINDS[variant.labels["kind"]].local
+        if "shard" in wc.keys():
+            return stage_path(variant, "shards", f"{wc.shard}.{name}")
+        return shard_files(variant, name)
+
+    return get_local_files
 
 
-def vlad_input(wc, what):
-    settings = VLAD[wc.dataset][wc.vvariant]
-    if what == "codebook":
-        return f"{RESULTS}/{wc.dataset}/codebook/{settings['codebook']}/codebook.npy"
-    if what == "local":
-        what = LOCAL_SUFFIX[feature_kind(wc.dataset, settings["features"])]
-    return f"{RESULTS}/{wc.dataset}/features/{settings['features']}/shards/{wc.shard}.{what}"
+def get_codebook(wc):
+    return upstream("vlad", wc, "codebook", "codebook.npy")
+
+
+def get_feature_kind(stage):
+    def get_kind(wc):
+        return features_variant_of(stage, wc).labels["kind"]
+
+    return get_kind
 
 
 # Used by rules/pca.smk
 
 
-def pooled_inputs(wc, what):
-    """Per-shard page vectors (one row per page: VLAD, SAGHOG), or window [CLS] tokens to sum."""
-    settings = DESCRIPTORS[wc.dataset][wc.dvariant]
-    if settings["aggregation"] == "sum" and feature_kind(wc.dataset, settings["features"]) == "saghog":
-        suffix = {"vectors": "pooled.npy", "doc_ids": "pooled.parquet"}[what]
-        return [f"{RESULTS}/{wc.dataset}/features/{settings['features']}/shards/{s}.{suffix}" for s in shard_ids(wc.dataset)]
-    if settings["aggregation"] == "vlad":
-        suffix = {"vectors": "npy", "doc_ids": "parquet"}[what]
-        return [f"{RESULTS}/{wc.dataset}/vlad/{settings['vlad']}/shards/{s}.{suffix}" for s in shard_ids(wc.dataset)]
-    suffix = {"vectors": "cls.npy", "doc_ids": "parquet"}[what]
-    return [f"{RESULTS}/{wc.dataset}/features/{settings['features']}/shards/{s}.{suffix}" for s in shard_ids(wc.dataset)]
+def get_pooled(what):
+    """Per-shard page vectors (VLAD, SAGHOG), or window [CLS] tokens to sum per page."""
+
+    def get_pooled_files(wc):
+        variant = job_variant("descriptors", wc)
+        if variant.labels["aggregation"] == "vlad":
+            vlad = PLAN.variant("vlad", wc.dataset, variant.inputs["vlad"])
+            return shard_files(vlad, {"vectors": "npy", "doc_ids": "parquet"}[what])
+        features = features_variant_of("descriptors", wc)
+        vectors, doc_ids = KINDS[features.labels["kind"]].pooled
+        return shard_files(features, vectors if what == "vectors" else doc_ids)
+
+    return get_pooled_files
 
 
-# Used by rules/rerank.smk
+def get_one_row_per_page(wc):
+    variant = job_variant("descriptors", wc)
+    return (
+        variant.labels["aggregation"] == "vlad"
+        or KINDS[variant.labels["kind"]].one_row_per_page
+    )
 
 
-RERANKED = {(e["dataset"], e["reranked"]): e for e in GRID if e["reranked"]}
+# Used by rules/rerank.smk and rules/retrieval.smk
+
+
+def get_descriptors(stage, name):
+    def get_descriptor_file(wc):
+        return upstream(stage, wc, "descriptors", name)
+
+    return get_descriptor_file
+
+
+def get_reranked(wc):
+    variant = job_variant("experiment", wc)
+    return (
+        [upstream("experiment", wc, "rerank", "reranked.npz")]
+        if "rerank" in variant.inputs
+        else []
+    )
 
 
 # Used by rules/report.smk
 
 
-def experiment_files(name):
-    return [f"{RESULTS}/{e['dataset']}/experiments/{e['folder']}/{name}" for e in GRID]
+def training_logs():
+    return [
+        stage_path(v, "log.parquet")
+        for d in DATASETS
+        for s in ("pretrain", "finetune")
+        for v in PLAN.variants(s, d)
+    ]
+
+
+def cluster_files(name):
+    return [
+        stage_path(PLAN.variant("cluster", d, c), name)
+        for d in DATASETS
+        for c in used_clusters(d)
+    ]
+
+
+# Used by rules/finetune.smk
+
+
+def get_cluster_labels(wc):
+    return upstream("finetune", wc, "cluster", "patches.parquet")

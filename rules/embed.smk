@@ -3,62 +3,49 @@
 
 
 rule embed_shard:
-    wildcard_constraints:
-        fvariant=variants_of_kind("vit"),
     input:
         index=f"{RESULTS}/{{dataset}}/index.parquet",
-        masks=main_masks,
-        backbone=embed_backbone,
+        masks=get_main_masks,
+        backbone=get_backbone("embed"),
     output:
-        tokens=f"{RESULTS}/{{dataset}}/features/{{fvariant}}/shards/{{shard}}.tokens.npy",
-        cls=f"{RESULTS}/{{dataset}}/features/{{fvariant}}/shards/{{shard}}.cls.npy",
-        index=f"{RESULTS}/{{dataset}}/features/{{fvariant}}/shards/{{shard}}.parquet",
-        stats=f"{RESULTS}/{{dataset}}/features/{{fvariant}}/shards/{{shard}}.stats.parquet",
-    params:
-        code=CODE["embed"],
-        settings=lambda wc: {**FEATURES[wc.dataset][wc.fvariant]["embed"],
-                             "model": FEATURES[wc.dataset][wc.fvariant]["model"],
-                             "seed": FEATURES[wc.dataset][wc.fvariant]["seed"]},
-        device=lambda wc: FEATURES[wc.dataset][wc.fvariant]["device"],
-        shard_size=config["shard_size"],
-    threads: 2
-    resources:
-        gpu=lambda wc: 0 if FEATURES[wc.dataset][wc.fvariant]["device"] == "cpu" else 1,
+        tokens=f"{RESULTS}/{{dataset}}/features/{{folder}}/shards/{{shard}}.tokens.npy",
+        cls=f"{RESULTS}/{{dataset}}/features/{{folder}}/shards/{{shard}}.cls.npy",
+        index=f"{RESULTS}/{{dataset}}/features/{{folder}}/shards/{{shard}}.parquet",
+        stats=f"{RESULTS}/{{dataset}}/features/{{folder}}/shards/{{shard}}.stats.parquet",
+        run=f"{RESULTS}/{{dataset}}/features/{{folder}}/shards/{{shard}}.run.json",
     log:
-        f"{RESULTS}/{{dataset}}/logs/embed/{{fvariant}}/{{shard}}.log",
+        f"{RESULTS}/{{dataset}}/logs/embed/{{folder}}/{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/embed/{{folder}}/{{shard}}.tsv"
+    wildcard_constraints:
+        folder=PLAN.folders("embed"),
     conda:
         "../envs/gpu.yaml"
+    threads: 2
+    resources:
+        gpu=gpu_count("embed"),
+    params:
+        code=CODE["embed"],
+        settings=result_settings("embed"),
+        shard_size=config["shard_size"],
     script:
         "../scripts/embed.py"
 
 
-# SAGHOG page descriptors: sum of the page's patch encodings, power-normalised, L2 (one row per page).
-rule embed_patches_shard:
-    wildcard_constraints:
-        fvariant=variants_of_kind("saghog"),
+rule embed:
     input:
-        index=f"{RESULTS}/{{dataset}}/index.parquet",
-        patches=lambda wc: f"{RESULTS}/{wc.dataset}/patches/{saghog_models(wc)['patches']}/shards/{wc.shard}.patches.npy",
-        shard_index=lambda wc: f"{RESULTS}/{wc.dataset}/patches/{saghog_models(wc)['patches']}/shards/{wc.shard}.parquet",
-        backbone=lambda wc: saghog_models(wc)["backbone"],
-        finetuned=lambda wc: saghog_models(wc)["finetuned"],
+        stats=shards_of("embed", "stats.parquet"),
+        runs=shards_of("embed", "run.json"),
     output:
-        vectors=f"{RESULTS}/{{dataset}}/features/{{fvariant}}/shards/{{shard}}.pooled.npy",
-        doc_ids=f"{RESULTS}/{{dataset}}/features/{{fvariant}}/shards/{{shard}}.pooled.parquet",
-        stats=f"{RESULTS}/{{dataset}}/features/{{fvariant}}/shards/{{shard}}.stats.parquet",
-    params:
-        code=CODE["embed"],
-        model=lambda wc: FEATURES[wc.dataset][wc.fvariant]["model"],
-        embed=lambda wc: FEATURES[wc.dataset][wc.fvariant]["embed"],
-        finetune=lambda wc: FEATURES[wc.dataset][wc.fvariant]["finetune"],
-        device=lambda wc: FEATURES[wc.dataset][wc.fvariant]["device"],
-        shard_size=config["shard_size"],
-    threads: 2
-    resources:
-        gpu=lambda wc: 0 if FEATURES[wc.dataset][wc.fvariant]["device"] == "cpu" else 1,
+        stats=f"{RESULTS}/{{dataset}}/features/{{folder}}/stats.parquet",
+        settings=f"{RESULTS}/{{dataset}}/features/{{folder}}/settings.json",
     log:
-        f"{RESULTS}/{{dataset}}/logs/embed/{{fvariant}}/{{shard}}.log",
+        f"{RESULTS}/{{dataset}}/logs/embed/{{folder}}/merge.log",
+    wildcard_constraints:
+        folder=PLAN.folders("embed"),
     conda:
         "../envs/gpu.yaml"
+    params:
+        code=CODE["embed"],
     script:
         "../scripts/embed.py"

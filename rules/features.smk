@@ -2,38 +2,46 @@
 
 
 rule features_shard:
-    wildcard_constraints:
-        fvariant=variants_of_kind("sift"),
     input:
         index=f"{RESULTS}/{{dataset}}/index.parquet",
-        masks=main_masks,
+        masks=get_main_masks,
     output:
-        descriptors=f"{RESULTS}/{{dataset}}/features/{{fvariant}}/shards/{{shard}}.desc.npy",
-        keypoints=f"{RESULTS}/{{dataset}}/features/{{fvariant}}/shards/{{shard}}.kp.npy",
-        index=f"{RESULTS}/{{dataset}}/features/{{fvariant}}/shards/{{shard}}.parquet",
-        stats=f"{RESULTS}/{{dataset}}/features/{{fvariant}}/shards/{{shard}}.stats.parquet",
-    params:
-        code=CODE["features"],
-        settings=lambda wc: FEATURES[wc.dataset][wc.fvariant],
-        shard_size=config["shard_size"],
+        descriptors=f"{RESULTS}/{{dataset}}/features/{{folder}}/shards/{{shard}}.desc.npy",
+        keypoints=f"{RESULTS}/{{dataset}}/features/{{folder}}/shards/{{shard}}.kp.npy",
+        index=f"{RESULTS}/{{dataset}}/features/{{folder}}/shards/{{shard}}.parquet",
+        stats=f"{RESULTS}/{{dataset}}/features/{{folder}}/shards/{{shard}}.stats.parquet",
+        run=f"{RESULTS}/{{dataset}}/features/{{folder}}/shards/{{shard}}.run.json",
     log:
-        f"{RESULTS}/{{dataset}}/logs/features/{{fvariant}}/{{shard}}.log",
+        f"{RESULTS}/{{dataset}}/logs/features/{{folder}}/{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/features/{{folder}}/{{shard}}.tsv"
+    wildcard_constraints:
+        folder=PLAN.folders("features"),
     conda:
         "../envs/cpu.yaml"
+    params:
+        code=CODE["features"],
+        settings=result_settings("features"),
+        shard_size=config["shard_size"],
     script:
         "../scripts/features.py"
 
 
+# Per-shard statistics and run facts of one extractor's features -> stats.parquet, settings.json.
 rule features:
     input:
-        lambda wc: [f"{RESULTS}/{wc.dataset}/features/{wc.fvariant}/shards/{s}.stats.parquet" for s in shard_ids(wc.dataset)],
+        stats=shards_of("features", "stats.parquet"),
+        runs=shards_of("features", "run.json"),
     output:
-        stats=f"{RESULTS}/{{dataset}}/features/{{fvariant}}/stats.parquet",
-    params:
-        code=CODE["features"],
+        stats=f"{RESULTS}/{{dataset}}/features/{{folder}}/stats.parquet",
+        settings=f"{RESULTS}/{{dataset}}/features/{{folder}}/settings.json",
     log:
-        f"{RESULTS}/{{dataset}}/logs/features/{{fvariant}}/merge.log",
+        f"{RESULTS}/{{dataset}}/logs/features/{{folder}}/merge.log",
+    wildcard_constraints:
+        folder=PLAN.folders("features"),
     conda:
         "../envs/cpu.yaml"
+    params:
+        code=CODE["features"],
     script:
         "../scripts/features.py"

@@ -1,32 +1,33 @@
 # Stage 4c: SAGHOG fine-tuning: the pretrained patch encoder + a NetRVLAD head, trained with a
 # multi-similarity loss on the cluster pseudo labels of train patches (class-balanced batches).
+# Resumes like pretraining (resume/checkpoint.pt, moved to checkpoint.pt when done).
 
 
 rule finetune:
     input:
-        backbone=lambda wc: f"{RESULTS}/{wc.dataset}/pretrain/{FINETUNE[wc.dataset][wc.ftvariant]['pretrain']}/backbone.pt",
-        labels=lambda wc: f"{RESULTS}/{wc.dataset}/cluster/{FINETUNE[wc.dataset][wc.ftvariant]['cluster']}/patches.parquet",
-        patches=lambda wc: patch_shards(wc.dataset, CLUSTER[wc.dataset][FINETUNE[wc.dataset][wc.ftvariant]["cluster"]]["patches"],
-                                        "patches.npy"),
-        shard_index=lambda wc: patch_shards(wc.dataset,
-                                            CLUSTER[wc.dataset][FINETUNE[wc.dataset][wc.ftvariant]["cluster"]]["patches"],
-                                            "parquet"),
+        backbone=get_backbone("finetune"),
+        labels=get_cluster_labels,
+        patches=get_patch_shards("finetune", "patches.npy"),
+        shard_index=get_patch_shards("finetune", "parquet"),
     output:
-        model=f"{RESULTS}/{{dataset}}/finetune/{{ftvariant}}/model.pt",
-        log=f"{RESULTS}/{{dataset}}/finetune/{{ftvariant}}/log.parquet",
-    params:
-        code=CODE["finetune"],
-        settings=lambda wc: {k: v for k, v in FINETUNE[wc.dataset][wc.ftvariant].items()
-                             if k not in ("pretrain", "cluster", "model")},
-        model=lambda wc: FINETUNE[wc.dataset][wc.ftvariant]["model"],
-        device=lambda wc: saghog_feature(wc.dataset, "finetune", wc.ftvariant)["device"],
-        out_dir=lambda wc: f"{RESULTS}/{wc.dataset}/finetune/{wc.ftvariant}",
-    threads: 8
-    resources:
-        gpu=lambda wc: 0 if saghog_feature(wc.dataset, "finetune", wc.ftvariant)["device"] == "cpu" else 1,
+        model=f"{RESULTS}/{{dataset}}/finetune/{{folder}}/model.pt",
+        log=f"{RESULTS}/{{dataset}}/finetune/{{folder}}/log.parquet",
+        checkpoint=f"{RESULTS}/{{dataset}}/finetune/{{folder}}/checkpoint.pt",
+        settings=f"{RESULTS}/{{dataset}}/finetune/{{folder}}/settings.json",
     log:
-        f"{RESULTS}/{{dataset}}/logs/finetune/{{ftvariant}}.log",
+        f"{RESULTS}/{{dataset}}/logs/finetune/{{folder}}.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/finetune/{{folder}}.tsv"
+    wildcard_constraints:
+        folder=PLAN.folders("finetune"),
     conda:
         "../envs/gpu.yaml"
+    threads: 8
+    resources:
+        gpu=gpu_count("finetune"),
+    params:
+        code=CODE["finetune"],
+        settings=result_settings("finetune"),
+        out_dir=get_output_dir("finetune"),
     script:
         "../scripts/finetune.py"

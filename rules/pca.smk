@@ -5,19 +5,23 @@
 rule descriptors:
     input:
         index=f"{RESULTS}/{{dataset}}/index.parquet",
-        vectors=lambda wc: pooled_inputs(wc, "vectors"),
-        doc_ids=lambda wc: pooled_inputs(wc, "doc_ids"),
+        vectors=get_pooled("vectors"),
+        doc_ids=get_pooled("doc_ids"),
     output:
-        descriptors=f"{RESULTS}/{{dataset}}/descriptors/{{dvariant}}/descriptors.parquet",
-        info=f"{RESULTS}/{{dataset}}/descriptors/{{dvariant}}/pca.json",
-    params:
-        code=CODE["pca"],
-        settings=lambda wc: DESCRIPTORS[wc.dataset][wc.dvariant],
-        one_row_per_page=lambda wc: DESCRIPTORS[wc.dataset][wc.dvariant]["aggregation"] == "vlad"
-        or feature_kind(wc.dataset, DESCRIPTORS[wc.dataset][wc.dvariant]["features"]) == "saghog",
+        descriptors=f"{RESULTS}/{{dataset}}/descriptors/{{folder}}/descriptors.parquet",
+        info=f"{RESULTS}/{{dataset}}/descriptors/{{folder}}/pca.json",
+        settings=f"{RESULTS}/{{dataset}}/descriptors/{{folder}}/settings.json",
     log:
-        f"{RESULTS}/{{dataset}}/logs/descriptors/{{dvariant}}.log",
+        f"{RESULTS}/{{dataset}}/logs/descriptors/{{folder}}.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/descriptors/{{folder}}.tsv"
+    wildcard_constraints:
+        folder=PLAN.folders("descriptors"),
     conda:
         "../envs/cpu.yaml"
+    params:
+        code=CODE["pca"],
+        settings=result_settings("descriptors"),
+        one_row_per_page=get_one_row_per_page,
     script:
         "../scripts/pca.py"

@@ -4,16 +4,21 @@
 
 rule rerank:
     input:
-        descriptors=lambda wc: f"{RESULTS}/{wc.dataset}/descriptors/{RERANKED[(wc.dataset, wc.rvariant)]['descriptors']}/descriptors.parquet",
+        descriptors=get_descriptors("rerank", "descriptors.parquet"),
     output:
-        f"{RESULTS}/{{dataset}}/rerank/{{rvariant}}/reranked.npz",
-    params:
-        code=CODE["rerank"],
-        settings=lambda wc: config["rerank"][RERANKED[(wc.dataset, wc.rvariant)]["rerank"]],
-    threads: 2
+        reranked=f"{RESULTS}/{{dataset}}/rerank/{{folder}}/reranked.npz",
+        settings=f"{RESULTS}/{{dataset}}/rerank/{{folder}}/settings.json",
     log:
-        f"{RESULTS}/{{dataset}}/logs/rerank/{{rvariant}}.log",
+        f"{RESULTS}/{{dataset}}/logs/rerank/{{folder}}.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/rerank/{{folder}}.tsv"
+    wildcard_constraints:
+        folder=PLAN.folders("rerank"),
     conda:
         "../envs/cpu.yaml"
+    threads: 2
+    params:
+        code=CODE["rerank"],
+        settings=result_settings("rerank"),
     script:
         "../scripts/rerank.py"

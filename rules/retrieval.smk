@@ -1,25 +1,31 @@
 # Stage 6: leave-one-out retrieval on the test split, metrics and top-k rankings per experiment.
+# The metrics row carries the device and per-stage seconds of its path (from the stages' settings.json).
 
 
 rule retrieval:
     input:
         index=f"{RESULTS}/{{dataset}}/index.parquet",
-        descriptors=lambda wc: f"{RESULTS}/{wc.dataset}/descriptors/{EXPERIMENTS[(wc.dataset, wc.experiment)]['descriptors']}/descriptors.parquet",
-        pca=lambda wc: f"{RESULTS}/{wc.dataset}/descriptors/{EXPERIMENTS[(wc.dataset, wc.experiment)]['descriptors']}/pca.json",
-        reranked=lambda wc: [f"{RESULTS}/{wc.dataset}/rerank/{r}/reranked.npz"]
-        if (r := EXPERIMENTS[(wc.dataset, wc.experiment)]["reranked"])
-        else [],
+        descriptors=get_descriptors("experiment", "descriptors.parquet"),
+        pca=get_descriptors("experiment", "pca.json"),
+        reranked=get_reranked,
+        path_settings=get_path_settings,
     output:
-        rankings=f"{RESULTS}/{{dataset}}/experiments/{{experiment}}/rankings.parquet",
-        metrics=f"{RESULTS}/{{dataset}}/experiments/{{experiment}}/metrics.parquet",
-    params:
-        code=CODE["retrieval"],
-        experiment=lambda wc: {k: v for k, v in EXPERIMENTS[(wc.dataset, wc.experiment)].items() if k != "folder"},
-        code_version=lambda wc: experiment_code_version(EXPERIMENTS[(wc.dataset, wc.experiment)]),
-    threads: 2
+        rankings=f"{RESULTS}/{{dataset}}/experiments/{{folder}}/rankings.parquet",
+        metrics=f"{RESULTS}/{{dataset}}/experiments/{{folder}}/metrics.parquet",
+        settings=f"{RESULTS}/{{dataset}}/experiments/{{folder}}/settings.json",
     log:
-        f"{RESULTS}/{{dataset}}/logs/experiments/{{experiment}}.log",
+        f"{RESULTS}/{{dataset}}/logs/experiments/{{folder}}.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/experiments/{{folder}}.tsv"
+    wildcard_constraints:
+        folder=PLAN.folders("experiment"),
     conda:
         "../envs/cpu.yaml"
+    threads: 2
+    params:
+        code=CODE["retrieval"],
+        settings=result_settings("experiment"),
+        labels=get_experiment_labels,
+        code_version=experiment_code_version,
     script:
         "../scripts/retrieval.py"

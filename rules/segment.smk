@@ -6,33 +6,43 @@ rule segment_shard:
     input:
         index=f"{RESULTS}/{{dataset}}/index.parquet",
     output:
-        f"{RESULTS}/{{dataset}}/segment/{{svariant}}/shards/{{shard}}.parquet",
-    params:
-        code=CODE["segment"],
-        settings=lambda wc: SEGMENT[wc.dataset][1],
-        shard_size=config["shard_size"],
-        out_dir=lambda wc: f"{RESULTS}/{wc.dataset}/segment/{wc.svariant}",
-    threads: 2
-    resources:
-        gpu=lambda wc: 0 if config["preprocess"]["sam"]["device"] == "cpu" else 1,
+        table=f"{RESULTS}/{{dataset}}/segment/{{folder}}/shards/{{shard}}.parquet",
+        run=f"{RESULTS}/{{dataset}}/segment/{{folder}}/shards/{{shard}}.run.json",
+        pages=directory(f"{RESULTS}/{{dataset}}/segment/{{folder}}/pages/{{shard}}"),
+        regions=directory(f"{RESULTS}/{{dataset}}/segment/{{folder}}/regions/{{shard}}"),
     log:
-        f"{RESULTS}/{{dataset}}/logs/segment/{{svariant}}/{{shard}}.log",
+        f"{RESULTS}/{{dataset}}/logs/segment/{{folder}}/{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/segment/{{folder}}/{{shard}}.tsv"
+    wildcard_constraints:
+        folder=PLAN.folders("segment"),
     conda:
         "../envs/gpu.yaml"
+    threads: 2
+    resources:
+        gpu=gpu_count("segment"),
+    params:
+        code=CODE["segment"],
+        settings=result_settings("segment"),
+        shard_size=config["shard_size"],
     script:
         "../scripts/segment.py"
 
 
 rule segment:
     input:
-        lambda wc: [f"{RESULTS}/{wc.dataset}/segment/{wc.svariant}/shards/{s}.parquet" for s in shard_ids(wc.dataset)],
+        tables=shards_of("segment", "parquet"),
+        runs=shards_of("segment", "run.json"),
     output:
-        f"{RESULTS}/{{dataset}}/segment/{{svariant}}/segments.parquet",
-    params:
-        code=CODE["segment"],
+        table=f"{RESULTS}/{{dataset}}/segment/{{folder}}/segments.parquet",
+        settings=f"{RESULTS}/{{dataset}}/segment/{{folder}}/settings.json",
     log:
-        f"{RESULTS}/{{dataset}}/logs/segment/{{svariant}}/merge.log",
+        f"{RESULTS}/{{dataset}}/logs/segment/{{folder}}/merge.log",
+    wildcard_constraints:
+        folder=PLAN.folders("segment"),
     conda:
         "../envs/gpu.yaml"
+    params:
+        code=CODE["segment"],
     script:
         "../scripts/segment.py"

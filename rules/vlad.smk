@@ -4,39 +4,66 @@
 rule vlad_codebook:
     input:
         index=f"{RESULTS}/{{dataset}}/index.parquet",
-        descriptors=lambda wc: feature_shards(wc.dataset, CODEBOOK[wc.dataset][wc.cvariant]["features"], "local"),
-        shard_index=lambda wc: feature_shards(wc.dataset, CODEBOOK[wc.dataset][wc.cvariant]["features"], "parquet"),
+        descriptors=get_local_descriptors("codebook"),
+        shard_index=get_local_descriptors("codebook", "parquet"),
     output:
-        codebook=f"{RESULTS}/{{dataset}}/codebook/{{cvariant}}/codebook.npy",
-        info=f"{RESULTS}/{{dataset}}/codebook/{{cvariant}}/codebook.json",
-    params:
-        code=CODE["vlad"],
-        settings=lambda wc: CODEBOOK[wc.dataset][wc.cvariant],
-        kind=lambda wc: feature_kind(wc.dataset, CODEBOOK[wc.dataset][wc.cvariant]["features"]),
-    threads: 4
+        codebook=f"{RESULTS}/{{dataset}}/codebook/{{folder}}/codebook.npy",
+        info=f"{RESULTS}/{{dataset}}/codebook/{{folder}}/codebook.json",
+        settings=f"{RESULTS}/{{dataset}}/codebook/{{folder}}/settings.json",
     log:
-        f"{RESULTS}/{{dataset}}/logs/codebook/{{cvariant}}.log",
+        f"{RESULTS}/{{dataset}}/logs/codebook/{{folder}}.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/codebook/{{folder}}.tsv"
+    wildcard_constraints:
+        folder=PLAN.folders("codebook"),
     conda:
         "../envs/cpu.yaml"
+    threads: 4
+    params:
+        code=CODE["vlad"],
+        settings=result_settings("codebook"),
+        kind=get_feature_kind("codebook"),
     script:
         "../scripts/vlad.py"
 
 
 rule vlad_shard:
     input:
-        codebook=lambda wc: vlad_input(wc, "codebook"),
-        descriptors=lambda wc: vlad_input(wc, "local"),
-        shard_index=lambda wc: vlad_input(wc, "parquet"),
+        codebook=get_codebook,
+        descriptors=get_local_descriptors("vlad"),
+        shard_index=get_local_descriptors("vlad", "parquet"),
     output:
-        vectors=f"{RESULTS}/{{dataset}}/vlad/{{vvariant}}/shards/{{shard}}.npy",
-        doc_ids=f"{RESULTS}/{{dataset}}/vlad/{{vvariant}}/shards/{{shard}}.parquet",
-    params:
-        code=CODE["vlad"],
-        settings=lambda wc: VLAD[wc.dataset][wc.vvariant],
-        kind=lambda wc: feature_kind(wc.dataset, VLAD[wc.dataset][wc.vvariant]["features"]),
+        vectors=f"{RESULTS}/{{dataset}}/vlad/{{folder}}/shards/{{shard}}.npy",
+        doc_ids=f"{RESULTS}/{{dataset}}/vlad/{{folder}}/shards/{{shard}}.parquet",
+        run=f"{RESULTS}/{{dataset}}/vlad/{{folder}}/shards/{{shard}}.run.json",
     log:
-        f"{RESULTS}/{{dataset}}/logs/vlad/{{vvariant}}/{{shard}}.log",
+        f"{RESULTS}/{{dataset}}/logs/vlad/{{folder}}/{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/vlad/{{folder}}/{{shard}}.tsv"
+    wildcard_constraints:
+        folder=PLAN.folders("vlad"),
     conda:
         "../envs/cpu.yaml"
+    params:
+        code=CODE["vlad"],
+        settings=result_settings("vlad"),
+        kind=get_feature_kind("vlad"),
+    script:
+        "../scripts/vlad.py"
+
+
+rule vlad:
+    input:
+        runs=shards_of("vlad", "run.json"),
+    output:
+        settings=f"{RESULTS}/{{dataset}}/vlad/{{folder}}/settings.json",
+    log:
+        f"{RESULTS}/{{dataset}}/logs/vlad/{{folder}}/merge.log",
+    wildcard_constraints:
+        folder=PLAN.folders("vlad"),
+    conda:
+        "../envs/cpu.yaml"
+    params:
+        code=CODE["vlad"],
     script:
         "../scripts/vlad.py"

@@ -2,12 +2,12 @@
 import faiss
 
 from writer_retrieval import cluster
-from writer_retrieval.logs import stage_logging
+from writer_retrieval.jobs import stage_job
 
 if __name__ == "__main__":
     sm = snakemake
     faiss.omp_set_num_threads(sm.threads)
-    with stage_logging(sm.log[0], sm.rule):
+    with stage_job(sm, "cluster") as job:
         cluster.pseudo_labels(list(sm.input.descriptors), list(sm.input.shard_index), list(sm.input.patches),
-                              sm.input.index, dict(sm.params.settings), sm.output.labels, sm.output.stats,
+                              sm.input.index, job.settings, sm.output.labels, sm.output.stats,
                               sm.output.summary, sm.output.contact_sheet)

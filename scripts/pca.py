@@ -2,13 +2,12 @@
 import numpy as np
 import pandas as pd
 
-from writer_retrieval.logs import stage_logging
+from writer_retrieval.jobs import stage_job
 from writer_retrieval.pca import sum_pooled_cls, whiten
 
 if __name__ == "__main__":
     sm = snakemake
-    settings = dict(sm.params.settings)
-    with stage_logging(sm.log[0], sm.rule):
+    with stage_job(sm, "descriptors") as job:
         if sm.params.one_row_per_page:
             vectors = np.concatenate([np.load(p) for p in sm.input.vectors])
             doc_ids = pd.concat([pd.read_parquet(p) for p in sm.input.doc_ids]).doc_id.tolist()
@@ -18,4 +17,4 @@ if __name__ == "__main__":
                 pooled.update(sum_pooled_cls(cls_path, index_path))
             doc_ids = list(pooled)
             vectors = np.stack([pooled[d] for d in doc_ids])
-        whiten(doc_ids, vectors, sm.input.index, settings, sm.output.descriptors, sm.output.info)
+        whiten(doc_ids, vectors, sm.input.index, job.settings, sm.output.descriptors, sm.output.info)

@@ -54,7 +54,7 @@ def test_shards_cover_the_index_and_merge_writes_tables(tmp_path):
               for s in range(3)]
     assert [len(s) for s in shards] == [2, 2, 1]
     table = merge_shards([tmp_path / f"s{s}.parquet" for s in range(3)], tmp_path / "stats.parquet",
-                         tmp_path / "quality.parquet", tmp_path / "settings.json", settings)
+                         tmp_path / "quality.parquet")
     assert list(table.doc_id) == [f"d{i}" for i in range(5)]
     stats = pd.read_parquet(tmp_path / "stats.parquet")
     quality = pd.read_parquet(tmp_path / "quality.parquet")

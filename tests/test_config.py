@@ -1,6 +1,7 @@
 import pytest
 
-from writer_retrieval.config import ConfigError, binarize_variants, validate_config
+from writer_retrieval.config import ConfigError, validate_config
+from writer_retrieval.plan import Plan
 
 
 def base(**over):
@@ -56,10 +57,10 @@ def test_errors_name_the_key_and_what_is_allowed(cfg, expected):
 def test_binarize_variant_names_hash_only_relevant_settings():
     a = validate_config(base(preprocess={"method": "sauvola", "compare": ["otsu"]}))
     b = validate_config(base(preprocess={"method": "sauvola", "window": 31, "compare": ["otsu"]}))
-    va, vb = binarize_variants(a, "demo"), binarize_variants(b, "demo")
+    va, vb = ([v.folder for v in Plan(c).variants("binarize", "demo")] for c in (a, b))
     assert [n.split("-")[0] for n in va] == ["sauvola", "otsu"]
     otsu_a = [n for n in va if n.startswith("otsu")]
     assert otsu_a == [n for n in vb if n.startswith("otsu")]  # window does not touch Otsu
     assert [n for n in va if n.startswith("sauvola")] != [n for n in vb if n.startswith("sauvola")]
     c = validate_config(base(datasets={"demo": {"adapter": "synthetic", "seed": 5}}))
-    assert set(binarize_variants(c, "demo")).isdisjoint(va)  # another dataset, other folders
+    assert {v.folder for v in Plan(c).variants("binarize", "demo")}.isdisjoint(va)  # another dataset, other folders

@@ -1,10 +1,16 @@
+import os
+import re
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
 from writer_retrieval.config import validate_config
-from writer_retrieval.dataset import DatasetError, _ruled_rows, assign_splits, build_index
+from writer_retrieval.dataset import DatasetError, _ruled_rows, assign_splits, build_index, source_manifest
+
+from conftest import handwriting_like
 
 
 def settings_for(adapter, root, **extra):
@@ -110,8 +116,8 @@ def test_cvl_pages_cropped_duplicates_and_blank_page(tmp_path, write_page):
 
 def test_hisfrag20_fragments_keep_their_source_page(tmp_path, write_page):
     root = tmp_path / "hisfrag"
-    for name in ["12_3_1.jpg", "12_3_2.jpg", "12_4_1.jpg", "40_1_1.jpg"]:
-        write_page(root / name, seed=len(name))
+    for i, name in enumerate(["12_3_1.jpg", "12_3_2.jpg", "12_4_1.jpg", "40_1_1.jpg"]):
+        write_page(root / name, seed=i)
     index, rejected = run(tmp_path, settings_for("hisfrag20", root, train_writer_fraction=0.0))
     assert dict(zip(index.doc_id, index.page)) == {"12_3_1": "12_3", "12_3_2": "12_3", "12_4_1": "12_4",
                                                    "40_1_1": "40_1"}
@@ -130,8 +136,8 @@ def test_folder_with_labels_csv_and_with_regex(tmp_path, write_page):
         "x__p1": ("ann", "train"), "x__p2": ("ann", "test"), "y__p1": ("bob", "test")}
 
     root2 = tmp_path / "regex"
-    for name in ["w01_s1.png", "w01_s2.png", "w02_s1.png", "w02_s2.png", "junk.png"]:
-        write_page(root2 / name, seed=len(name))
+    for i, name in enumerate(["w01_s1.png", "w01_s2.png", "w02_s1.png", "w02_s2.png", "junk.png"]):
+        write_page(root2 / name, seed=i)
     settings = settings_for("folder", root2, pattern=r"w(?P<writer>\d+)_s(?P<page>\d+)\.png")
     with pytest.raises(DatasetError, match=r"junk.png: name does not match pattern"):
         run(tmp_path, settings)
@@ -170,7 +176,7 @@ def test_words_tile_into_deterministic_pages_of_different_words(tmp_path, write_
         for word in ("alpha", "beta", "gamma"):
             for rep in range(4):
                 rel = f"img/{w}_{word}_{rep}.png"
-                write_page(root / rel, seed=hash((w, word, rep)) % 1000)
+                write_page(root / rel, seed=len(rows))  # distinct seeds: identical images are duplicates
                 rows.append({"path": rel, "writer": w, "word": word})
     # One word image has a ruled line along its bottom edge.
     lined = np.asarray(Image.open(root / rows[0]["path"])).copy()
@@ -195,3 +201,151 @@ def test_words_tile_into_deterministic_pages_of_different_words(tmp_path, write_
     assert index2.drop(columns="path").equals(index.drop(columns="path"))
     for p, blob in first.items():
         assert (tmp_path / "out" / "generated" / "pages" / f"{p}.png").read_bytes() == blob
+
+
+def reasons_by_name(rejected):
+    return dict(zip(rejected.path.map(lambda p: p.rsplit("/", 1)[-1]), rejected.reason))
+
+
+def test_exif_rotated_page_is_indexed_with_its_upright_size(tmp_path, write_page):
+    root = tmp_path / "icdar17"
+    write_page(root / "1-IMG_MAX_1.jpg", seed=1)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # stored 160 x 120, shown rotated by 90 degrees
+    write_page(root / "2-IMG_MAX_2.jpg", seed=2, exif=exif)
+    index, _ = run(tmp_path, settings_for("icdar2017", root))
+    sizes = dict(zip(index.doc_id, zip(index.width, index.height)))
+    assert sizes == {"1-IMG_MAX_1": (160, 120), "2-IMG_MAX_2": (120, 160)}
+
+
+LABELLED = {"folder": ("path", "writer", {}), "icdar2019": ("FILENAME", "ID", {}),
+            "words": ("path", "writer", {"words_per_page": 2, "page_width": 400})}
+
+
+@pytest.mark.parametrize("adapter", sorted(LABELLED))
+def test_empty_writer_label_in_labels_csv_is_rejected_naming_the_file(tmp_path, write_page, adapter):
+    key, column, extra = LABELLED[adapter]
+    root = tmp_path / "data"
+    # "" and np.nan are both written as an empty cell; "NaN" as text; "   " is blank.
+    writers = {"a.png": "ann", "b.png": " ann", "c.png": "", "d.png": "   ", "e.png": "NaN", "f.png": np.nan,
+               "g.png": "bob", "h.png": "bob"}
+    for i, name in enumerate(writers):
+        write_page(root / name, seed=i)
+    pd.DataFrame({key: list(writers), column: list(writers.values())}).to_csv(root / "labels.csv", index=False)
+    settings = settings_for(adapter, root, labels="labels.csv", **extra)
+    with pytest.raises(DatasetError, match=r"c\.png: empty writer label in labels\.csv"):
+        run(tmp_path, settings)
+    index, rejected = run(tmp_path, settings, on_bad_input="skip")
+    reasons = reasons_by_name(rejected)
+    assert sorted(reasons) == ["c.png", "d.png", "e.png", "f.png"]
+    assert reasons["d.png"] == f"empty writer label in labels.csv (column '{column}' is '   ')"
+    assert all(r.startswith("empty writer label") for r in reasons.values())
+    assert set(index.writer) == {"ann", "bob"}  # " ann" is writer ann; no writer ''
+
+
+@pytest.mark.parametrize("adapter", ["folder", "words"])
+def test_filename_regex_with_empty_writer_group_is_rejected(tmp_path, write_page, adapter):
+    root = tmp_path / "data"
+    names = ["ann-p1.png", "ann-p2.png", "bob-p1.png", "bob-p2.png",
+             "-p3.png", " -p4.png", "p5.png"]  # empty, blank, and not taking part (the group is optional)
+    for i, name in enumerate(names):
+        write_page(root / name, seed=i)
+    pattern = r"(?:(?P<writer>[a-z ]*)-)?p(?P<page>\d+)\.png"
+    settings = settings_for(adapter, root, pattern=pattern)
+    with pytest.raises(DatasetError, match=r"p5\.png: empty writer label in the file name"):
+        run(tmp_path, settings)
+    index, rejected = run(tmp_path, settings, on_bad_input="skip")
+    assert reasons_by_name(rejected) == {
+        n: f"empty writer label in the file name (group 'writer' of pattern {pattern} is empty)"
+        for n in ["-p3.png", " -p4.png", "p5.png"]}
+    assert set(index.writer) == {"ann", "bob"}
+
+
+def test_byte_identical_files_are_rejected_as_duplicates(tmp_path, write_page):
+    root = tmp_path / "icdar17"
+    # The adapter reads the split folders in sorted order (test, train), each sorted by name.
+    first = write_page(root / "test" / "2-IMG_MAX_1.jpg", seed=1)
+    write_page(root / "train" / "1-IMG_MAX_2.jpg", seed=2)
+    shutil.copy(first, root / "test" / "2-IMG_MAX_9.jpg")
+    shutil.copy(first, root / "train" / "1-IMG_MAX_3.jpg")  # the same scan again, in the other split
+    # Same size, different bytes (uncompressed): compared, not duplicates.
+    for n, seed in ((4, 4), (5, 5)):
+        Image.fromarray(handwriting_like(seed=seed)).save(root / "test" / f"2-IMG_MAX_{n}.pgm")
+    for n in (6, 7):  # two empty files are rejected as empty, not as copies of each other
+        (root / "test" / f"2-IMG_MAX_{n}.png").write_bytes(b"")
+    settings = settings_for("icdar2017", root, splits={"train": "train", "test": "test"})
+    with pytest.raises(DatasetError, match=r"1-IMG_MAX_3\.jpg: duplicate of test/2-IMG_MAX_1\.jpg"):
+        run(tmp_path, settings)
+    index, rejected = run(tmp_path, settings, on_bad_input="skip")
+    assert sorted(index.doc_id) == ["1-IMG_MAX_2", "2-IMG_MAX_1", "2-IMG_MAX_4", "2-IMG_MAX_5"]
+    assert reasons_by_name(rejected) == {"1-IMG_MAX_3.jpg": "duplicate of test/2-IMG_MAX_1.jpg",
+                                         "2-IMG_MAX_9.jpg": "duplicate of test/2-IMG_MAX_1.jpg",
+                                         "2-IMG_MAX_6.png": "zero bytes", "2-IMG_MAX_7.png": "zero bytes"}
+
+
+def test_duplicate_word_images_are_tiled_once(tmp_path, write_page):
+    root = tmp_path / "words"
+    for i, name in enumerate(["u1_a.png", "u1_b.png", "u2_a.png", "u2_b.png"]):
+        write_page(root / name, seed=i)
+    shutil.copy(root / "u1_a.png", root / "u1_c.png")
+    settings = settings_for("words", root, pattern=r"(?P<writer>u\d)_(?P<word>\w)\.png", words_per_page=2,
+                            page_width=400)
+    _, rejected = run(tmp_path, settings, on_bad_input="skip")
+    assert reasons_by_name(rejected) == {"u1_c.png": "duplicate of u1_a.png"}
+    layout = pd.read_parquet(tmp_path / "out" / "generated" / "pages.parquet")
+    assert sorted(layout.source_path.map(lambda p: p.rsplit("/", 1)[-1])) == [
+        "u1_a.png", "u1_b.png", "u2_a.png", "u2_b.png"]
+
+
+def test_source_manifest_follows_the_input_files(tmp_path, write_page):
+    root = tmp_path / "icdar17"
+    page = write_page(root / "1-IMG_MAX_1.jpg", seed=1)
+    (root / "2-IMG_MAX_2.jpg").write_bytes(b"not decoded at DAG time")
+    settings = settings_for("icdar2017", root)
+    base = source_manifest(settings)
+    assert re.fullmatch(r"2 files, sha256 [0-9a-f]{16}", base) and source_manifest(settings) == base
+    (root / "notes.txt").write_text("ignored by the default 'ignore' patterns")
+    assert source_manifest(settings) == base
+    added = write_page(root / "3-IMG_MAX_3.jpg", seed=3)
+    assert source_manifest(settings).startswith("3 files") and source_manifest(settings) != base
+    added.unlink()
+    assert source_manifest(settings) == base
+    (root / "stray.doc").write_text("an input: it would be rejected")
+    assert source_manifest(settings) != base
+    (root / "stray.doc").unlink()
+    st = page.stat()
+    os.utime(page, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched
+    touched = source_manifest(settings)
+    assert touched != base
+    write_page(page, seed=9, quality=50)  # replaced by another size, with the old mtime
+    os.utime(page, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert page.stat().st_size != st.st_size and source_manifest(settings) not in (base, touched)
+    (root / "2-IMG_MAX_2.jpg").unlink()
+    assert source_manifest(settings).startswith("1 files")
+
+
+def test_source_manifest_covers_split_folders_and_the_labels_csv(tmp_path, write_page):
+    root = tmp_path / "data"
+    write_page(root / "train" / "a.png", seed=1)
+    write_page(root / "test" / "b.png", seed=2)
+    labels = root / "labels.csv"
+    pd.DataFrame({"path": ["a.png", "b.png"], "writer": ["ann", "bob"]}).to_csv(labels, index=False)
+    settings = settings_for("folder", root, labels="labels.csv", splits={"train": "train", "test": "test"})
+    base = source_manifest(settings)
+    assert base.startswith("3 files")  # two pages and the labels CSV, although '*.csv' is ignored
+    pd.DataFrame({"path": ["a.png", "b.png"], "writer": ["ann", "ann"]}).to_csv(labels, index=False)
+    assert source_manifest(settings) != base
+    (root / "unused").mkdir()
+    write_page(root / "unused" / "c.png", seed=3)  # outside the split folders: not read by the adapter
+    assert source_manifest(settings).startswith("3 files")
+
+
+def test_source_manifest_of_a_missing_root_or_labels_is_a_clear_error(tmp_path, write_page):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DatasetError, match=rf"{re.escape(str(missing))}: dataset folder does not exist .*'root'"):
+        source_manifest(settings_for("icdar2017", missing))
+    write_page(tmp_path / "data" / "a.png")
+    with pytest.raises(DatasetError, match=r"labels\.csv: labels file not found \(check 'labels'"):
+        source_manifest(settings_for("folder", tmp_path / "data", labels="labels.csv"))
+    synthetic = validate_config({"datasets": {"s": {"adapter": "synthetic"}}, "experiments": [{"dataset": "s"}]})
+    assert source_manifest(synthetic["datasets"]["s"]) == ""

@@ -52,7 +52,7 @@ def test_sum_pooling_of_window_cls(tmp_path):
 
 @pytest.fixture(scope="module")
 def backbone():
-    from writer_retrieval.pretrain import build_backbone
+    from writer_retrieval.vit import build_backbone
 
     return build_backbone(TINY, seed=0).eval()
 
@@ -82,3 +82,31 @@ def test_multi_layer_tokens_concat_and_mean(backbone):
     assert two["tokens"].shape[1] == 64 and mean["tokens"].shape[1] == 32
     np.testing.assert_allclose(two["tokens"][:, 32:], one["tokens"], rtol=1e-5, atol=1e-5)  # last block = final tokens
     np.testing.assert_allclose(mean["tokens"], (two["tokens"][:, :32] + two["tokens"][:, 32:]) / 2, rtol=1e-5, atol=1e-5)
+
+
+def test_embed_shard_writes_token_shards_that_read_back(backbone, tmp_path):
+    """Tokens and window [CLS] rows of a shard, read back by the VLAD and sum-pooling loaders."""
+    from writer_retrieval.embed import embed_shard
+    from writer_retrieval.imaging import write_mask
+    from writer_retrieval.vlad import load_tokens
+
+    pages = {"a": np.zeros((128, 64), bool), "b": np.zeros((64, 64), bool), "c": np.zeros((64, 128), bool)}
+    pages["a"][5:120, 20:30] = True
+    pages["c"][10:50, 70:120] = True  # "b" stays blank: no tokens, no windows
+    for doc, ink in pages.items():
+        write_mask(tmp_path / f"{doc}.png", ink)
+    write_parquet(pd.DataFrame({"doc_id": list(pages), "writer": ["w1", "w1", "w2"], "split": "test",
+                                "path": list(pages)}), tmp_path / "index.parquet")
+    write_parquet(pd.DataFrame({"doc_id": list(pages), "mask_path": [str(tmp_path / f"{d}.png") for d in pages]}),
+                  tmp_path / "masks.parquet")
+    out = {name: tmp_path / name for name in ("t.npy", "c.npy", "i.parquet", "s.parquet")}
+    stats = embed_shard(tmp_path / "index.parquet", tmp_path / "masks.parquet", 0, 10,
+                        {**settings(), "seed": 0, "model": TINY}, None, *out.values(), device="cpu")
+    tokens, pooled = load_tokens(out["t.npy"], out["i.parquet"]), sum_pooled_cls(out["c.npy"], out["i.parquet"])
+    assert list(tokens) == list(pooled) == list(pages)
+    for doc, ink in pages.items():
+        page = embed_page(backbone, ink, settings(), 16, torch.device("cpu"))
+        expected = page["tokens"] if page["dim"] else np.zeros((0, 32), np.float32)
+        np.testing.assert_allclose(tokens[doc], expected, rtol=2e-3, atol=2e-3)  # stored as float16
+        np.testing.assert_allclose(pooled[doc], page["cls"].sum(axis=0) if page["dim"] else 0, rtol=2e-3, atol=5e-3)
+    assert stats.n_tokens.tolist() == [len(tokens[d]) for d in pages] and stats.n_tokens.iloc[1] == 0

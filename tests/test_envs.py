@@ -54,7 +54,8 @@ def rule_envs() -> dict[str, str]:
     return envs
 
 
-GPU_RULES = {"segment_shard", "segment", "pretrain", "finetune", "embed_shard", "embed_patches_shard"}
+GPU_RULES = {"segment_shard", "segment", "pretrain", "finetune", "embed_shard", "embed", "embed_patches_shard",
+             "embed_patches"}
 
 
 def test_every_script_rule_declares_an_environment():

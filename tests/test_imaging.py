@@ -90,3 +90,35 @@ def test_mask_polarity_ink_is_one(tmp_path):
     assert np.asarray(stored)[1, 2] and not np.asarray(stored)[0, 0]
     np.testing.assert_array_equal(read_mask(tmp_path / "m.png"), mask)
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def asymmetric_page() -> np.ndarray:
+    """A non-square page (120 x 160) with a dark block in one corner, so every flip/rotation differs."""
+    page = handwriting_like()
+    page[5:35, 5:45] = 20
+    return page
+
+
+# EXIF orientation -> the numpy transform that makes the stored pixels upright.
+UPRIGHT = {
+    2: np.fliplr, 3: lambda g: np.rot90(g, 2), 4: np.flipud, 5: lambda g: g.T,
+    6: lambda g: np.rot90(g, -1), 7: lambda g: np.rot90(g, 2).T, 8: lambda g: np.rot90(g, 1),
+}
+
+
+def save_with_orientation(path, gray, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(gray).save(path, exif=exif, quality=95)
+    return path
+
+
+@pytest.mark.parametrize("orientation", sorted(UPRIGHT))
+def test_exif_orientation_is_applied(tmp_path, orientation):
+    stored = asymmetric_page()
+    out = load_gray(save_with_orientation(tmp_path / "a.jpg", stored, orientation))
+    expected = UPRIGHT[orientation](stored)
+    assert out.shape == expected.shape
+    assert np.abs(out.astype(int) - expected).mean() < 3  # JPEG tolerance
+    if out.shape == stored.shape:  # the stored (sideways or mirrored) pixels are clearly not what came out
+        assert np.abs(out.astype(int) - stored).mean() > 10

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from writer_retrieval import patches as patches_mod
-from writer_retrieval.features import merge_stats
+from writer_retrieval.storage import merge_stats
 from writer_retrieval.imaging import read_mask, write_mask
 from writer_retrieval.patches import COUNTS, cut_patches, extract_shard, load_patches, page_patches
 from writer_retrieval.synthetic import generate_collection

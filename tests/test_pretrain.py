@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from writer_retrieval import pretrain as P
+from writer_retrieval.errors import InputError
 from writer_retrieval.imaging import read_mask, write_mask
 
 TINY = {"arch": "vit_tiny_patch16_224", "img_size": 64, "patch_size": 16, "embed_dim": 32, "depth": 2,
@@ -254,21 +255,26 @@ def test_settings_are_checked(pages, tmp_path):
         P.pretrain(pages[-1:], settings(), tmp_path, device="cpu", progress=False)
 
 
+def test_a_world_that_does_not_give_the_planned_effective_batch_stops(pages, tmp_path):
+    s = settings(epochs=1, max_windows=8)
+    with pytest.raises(InputError, match=r"batch_size 4 x 1 processes = 4, but this run's effective batch is 8"):
+        P.pretrain(pages, dict(s, batch_size=4, effective_batch_size=8), tmp_path / "run", device="cpu",
+                   progress=False)
+
+
 # -- 7. torchrun -----------------------------------------------------------------------------
 
 def test_torchrun_world_size_one_on_cpu(pages, tmp_path):
-    inputs = tmp_path / "inputs.json"
-    inputs.write_text(json.dumps({"page_masks": list(pages)}))
-    cfg = tmp_path / "settings.json"
-    cfg.write_text(json.dumps(settings(epochs=1, max_windows=8)))
+    job = tmp_path / "inputs.json"
+    job.write_text(json.dumps({"inputs": {"page_masks": list(pages)}, "settings": settings(epochs=1, max_windows=8),
+                               "device": "cpu"}))
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     env.pop("LOCAL_RANK", None)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-         "-m", "writer_retrieval.pretrain", "--inputs", str(inputs), "--settings", str(cfg),
-         "--out", str(out), "--device", "cpu", "--no-progress"],
+         "-m", "writer_retrieval.pretrain", "--job", str(job), "--out", str(out), "--no-progress"],
         capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "backbone.pt").exists() and (out / "log.parquet").exists()

@@ -166,3 +166,18 @@ def test_sgr_sparse_low_rank_matches_dense_map(gamma, layers, seed):
     # Scoring the sparse + low-rank rows equals scoring their dense form.
     out = sgr(x[:100], k=2, layers=layers, gamma=gamma, m=20)
     np.testing.assert_allclose(out.scores(0, 100), dense(out) @ dense(out).T, atol=1e-5)
+
+
+def test_reranked_files_round_trip(tmp_path):
+    """Each kind of reranked rows (dense, sparse, sparse + low rank) reads back as written."""
+    from writer_retrieval.lowrank import SparseLowRank
+    from writer_retrieval.storage import read_reranked, write_reranked
+
+    x, _ = clustered(24)
+    doc_ids = np.array([f"d{i}" for i in range(len(x))])
+    for name, rows in [("krnn", krnn(x, 2)), ("gnn", gnn(x, 1, 2, 1)), ("sgr", sgr(x, 2, 1, 0.5, 8))]:
+        write_reranked(tmp_path / f"{name}.npz", doc_ids, rows)
+        ids, back = read_reranked(tmp_path / f"{name}.npz", SparseLowRank)
+        assert ids.tolist() == doc_ids.tolist()
+        np.testing.assert_array_equal(dense(back), dense(rows).astype(dense(back).dtype))  # GNN: stored as float32
+        assert isinstance(back, SparseLowRank) == (name == "sgr")

@@ -319,7 +319,8 @@ def scans(tmp_path):
 def test_segment_pages_random_weights(tmp_path, scans, model_type, settings):
     out = tmp_path / "sam"
     settings = {"model_type": model_type, "checkpoint": None, "image_size": 256, **settings}
-    table = S.segment_pages(scans, settings, out, device="cpu", random_weights_for_testing=True)
+    table = S.segment_pages(scans, settings, out / "pages", out / "regions", device="cpu",
+                            random_weights_for_testing=True)
 
     assert list(table.columns) == ["doc_id", "region_area_ratio", "kept", "reason", "seconds", "crop_y0",
                                    "crop_y1", "crop_x0", "crop_x1", "n_masks", "ink_pixels", "n_keypoints"]
@@ -361,7 +362,7 @@ def test_segment_page_accepts_a_model_and_is_deterministic():
 
 def test_segment_pages_without_checkpoint_stops_before_any_work(tmp_path, scans):
     with pytest.raises(InputError, match="preprocess.sam.checkpoint"):
-        S.segment_pages(scans, {"model_type": "vit_t"}, tmp_path / "sam", device="cpu")
+        S.segment_pages(scans, {"model_type": "vit_t"}, tmp_path / "pages", tmp_path / "regions", device="cpu")
     assert not (tmp_path / "sam").exists()
 
 

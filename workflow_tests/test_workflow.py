@@ -1,7 +1,9 @@
 """End-to-end Snakemake runs (CLI) of the workflow on tiny generated data."""
+import json
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,24 +14,32 @@ from PIL import Image
 
 from writer_retrieval.imaging import read_mask
 
+from rerun_cases import CASES, job_counts
+
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 
 
 def snakemake(workdir: Path, configfile: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    # Every job records which of its settings its code reads (writer_retrieval.jobs, checked below).
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "WR_RECORD_SETTINGS": str(workdir / "settings-reads")}
     return subprocess.run(
         [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile", str(configfile),
          "--cores", "2", *args],
         capture_output=True, text=True, env=env, timeout=900)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("tiny")
-    proc = snakemake(workdir, REPO / "configs" / "tiny.yaml")
+def finished_run(tmp_path_factory, config: str) -> Path:
+    workdir = tmp_path_factory.mktemp(config)
+    proc = snakemake(workdir, REPO / "configs" / f"{config}.yaml")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return workdir
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return finished_run(tmp_path_factory, "tiny")
 
 
 def test_tiny_run_leaves_index_masks_and_quality(tiny_run):
@@ -61,22 +71,9 @@ def test_second_run_has_nothing_to_do(tiny_run):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
-def job_counts(output: str) -> dict[str, int]:
-    """The 'Job stats' table of a dry run as {rule: count}."""
-    counts, inside = {}, False
-    for line in output.splitlines():
-        parts = line.split()
-        if parts[:2] == ["job", "count"]:
-            inside = True
-        elif inside and len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
-            counts[parts[0]] = int(parts[1])
-        elif inside and parts and parts[0] == "total":
-            break
-    return counts
-
-
-def dry_run_jobs(workdir, tmp_path, change) -> dict[str, int]:
-    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+def dry_run_jobs(workdir, tmp_path, change, config: str = "tiny") -> dict[str, int]:
+    """The jobs a dry run plans on a finished run of configs/<config>.yaml after `change`."""
+    cfg = yaml.safe_load((REPO / "configs" / f"{config}.yaml").read_text())
     change(cfg)
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(cfg))
@@ -85,8 +82,8 @@ def dry_run_jobs(workdir, tmp_path, change) -> dict[str, int]:
     return job_counts(proc.stdout + proc.stderr)
 
 
-DOWNSTREAM_OF_FEATURES = {"vlad_codebook": 1, "vlad_shard": 4, "descriptors": 1, "rerank": 3, "retrieval": 4,
-                          "report": 1, "all": 1}
+DOWNSTREAM_OF_FEATURES = {"vlad_codebook": 1, "vlad_shard": 4, "vlad": 1, "descriptors": 1, "rerank": 3,
+                          "retrieval": 4, "report": 1, "all": 1}
 
 
 def test_changing_a_binarizer_setting_reruns_that_binarizer_and_what_follows(tiny_run, tmp_path):
@@ -94,16 +91,6 @@ def test_changing_a_binarizer_setting_reruns_that_binarizer_and_what_follows(tin
     # The dataset is untouched and Otsu (no window) is reused; the new Sauvola variant feeds SIFT.
     assert jobs == {"binarize_shard": 4, "binarize": 1, "binarize_quality_summary": 1, "features_shard": 4,
                     "features": 1, **DOWNSTREAM_OF_FEATURES}
-
-
-def test_changing_the_vlad_power_keeps_features_and_codebook(tiny_run, tmp_path):
-    jobs = dry_run_jobs(tiny_run, tmp_path, lambda c: c["aggregation"].update(power=0.3))
-    assert jobs == {"vlad_shard": 4, "descriptors": 1, "rerank": 3, "retrieval": 4, "report": 1, "all": 1}
-
-
-def test_changing_pca_dims_reruns_only_whitening_and_scoring(tiny_run, tmp_path):
-    jobs = dry_run_jobs(tiny_run, tmp_path, lambda c: c["aggregation"].update(pca_dims=8))
-    assert jobs == {"descriptors": 1, "rerank": 3, "retrieval": 4, "report": 1, "all": 1}
 
 
 def test_changing_a_rerankers_parameter_reruns_only_reranking_and_scoring(tiny_run, tmp_path):
@@ -157,10 +144,17 @@ def test_editing_a_library_module_reruns_its_stage_and_what_follows(tiny_run, tm
     pca.write_text(pca.read_text() + "\nPCA_EDITED = True\n")
     assert copy_dry_run(copy, tiny_run) == {"descriptors": 1, "rerank": 3, "retrieval": 4, "report": 1, "all": 1}
     pca.write_text(original)
-    # The reranking module: reranking, and scoring (which reads reranked rows through that module).
+    # The reranking module: reranking and the scoring of reranked rows (their code version covers it).
     rerank = copy / "src" / "writer_retrieval" / "rerank.py"
-    rerank.write_text(rerank.read_text() + "\nRERANK_EDITED = True\n")
-    assert copy_dry_run(copy, tiny_run) == {"rerank": 3, "retrieval": 4, "report": 1, "all": 1}
+    original = rerank.read_text()
+    rerank.write_text(original + "\nRERANK_EDITED = True\n")
+    assert copy_dry_run(copy, tiny_run) == {"rerank": 3, "retrieval": 3, "report": 1, "all": 1}
+    rerank.write_text(original)
+    # The plan and the job plumbing route settings and never change what a stage computes.
+    for plumbing in ("plan.py", "jobs.py", "provenance.py"):
+        module = copy / "src" / "writer_retrieval" / plumbing
+        module.write_text(module.read_text() + "\nPLUMBING_EDITED = True\n")
+    assert copy_dry_run(copy, tiny_run) == {}
     # A module shared by many stages (imaging: page and mask I/O) re-runs from the first stage importing it.
     imaging = copy / "src" / "writer_retrieval" / "imaging.py"
     imaging.write_text(imaging.read_text() + "\nIMAGING_EDITED = True\n")
@@ -255,10 +249,18 @@ def test_truncated_jpeg_in_a_dataset_folder_stops_with_its_name(tmp_path):
     assert not (tmp_path / "results/mine/index.parquet").exists()
 
 
-def test_vit_features_pretrain_embed_and_aggregate(tmp_path):
-    proc = snakemake(tmp_path, REPO / "configs" / "tiny-vit.yaml")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = tmp_path / "results"
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory):
+    return finished_run(tmp_path_factory, "tiny-vit")
+
+
+@pytest.fixture(scope="module")
+def ssl_run(tmp_path_factory):
+    return finished_run(tmp_path_factory, "tiny-ssl")
+
+
+def test_vit_features_pretrain_embed_and_aggregate(vit_run):
+    res = vit_run / "results"
     bench = pd.read_parquet(res / "benchmark.parquet")
     rows = set(zip(bench.features, bench.aggregation))
     assert rows == {("random-vit", "vlad"), ("random-vit", "sum"), ("attmask-vit", "vlad"), ("attmask-vit", "sum"),
@@ -299,22 +301,22 @@ def test_sam_preprocessing_with_random_weights_end_to_end(tmp_path):
     table = pd.read_parquet(segments)
     assert len(table) == 30 and table.reason.str.len().gt(0).all()
     assert table.region_area_ratio.between(0, 1).all() and table.kept.dtype == bool
-    assert len(list(segments.parent.glob("regions/*.png"))) == 30 and len(list(segments.parent.glob("pages/*.png"))) == 30
+    assert len(list(segments.parent.glob("regions/*/*.png"))) == 30
+    assert len(list(segments.parent.glob("pages/*/*.png"))) == 30
     summary = pd.read_parquet(res / "binarize" / "quality_summary.parquet")
     assert sorted(summary.method) == ["sam+sauvola", "sauvola"]
     # Ink of sam+sauvola lies inside the SAM region.
     (stats,) = res.glob("binarize/sam+sauvola-*/stats.parquet")
     first = pd.read_parquet(stats).iloc[0]
-    region = read_mask(segments.parent / "regions" / f"{first.doc_id}.png")
+    (region_path,) = segments.parent.glob(f"regions/*/{first.doc_id}.png")
+    region = read_mask(region_path)
     assert not (read_mask(tmp_path / first.mask_path) & ~region).any()
     assert (tmp_path / "results" / "benchmark.parquet").exists()
 
 
-def test_saghog_and_pretext_features_end_to_end(tmp_path):
-    proc = snakemake(tmp_path, REPO / "configs" / "tiny-ssl.yaml")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = tmp_path / "results" / "tiny"
-    bench = pd.read_parquet(tmp_path / "results" / "benchmark.parquet")
+def test_saghog_and_pretext_features_end_to_end(ssl_run):
+    res = ssl_run / "results" / "tiny"
+    bench = pd.read_parquet(ssl_run / "results" / "benchmark.parquet")
     assert set(zip(bench.features, bench.aggregation)) == {("flip-vit", "vlad"), ("sorting-vit", "vlad"),
                                                           ("saghog", "sum"), ("saghog-ft", "sum")}
     assert (bench.n_queries == 18).all() and bench["map"].notna().all()
@@ -337,5 +339,128 @@ def test_saghog_and_pretext_features_end_to_end(tmp_path):
     for method in ("flip", "sorting"):
         (log,) = res.glob(f"pretrain/{method}-*/log.parquet")
         assert list(pd.read_parquet(log).columns[:3]) == ["epoch", "loss", "accuracy"]
-    html = (tmp_path / "results" / "report.html").read_text()
+    html = (ssl_run / "results" / "report.html").read_text()
     assert "patch clusters" in html and html.count("data:image/png") >= 3
+
+
+# --------------------------------------------------------------------------------------------
+# Re-runs a cluster user can trust: execution knobs plan nothing, result settings their stage on
+# --------------------------------------------------------------------------------------------
+
+RUNS = {"tiny": "tiny_run", "tiny-vit": "vit_run", "tiny-ssl": "ssl_run"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.kind}: {c.change}" for c in CASES])
+def test_a_config_change_plans_exactly_its_stages(case, request, tmp_path):
+    workdir = request.getfixturevalue(RUNS[case.config])
+    assert dry_run_jobs(workdir, tmp_path, case.edit, case.config) == case.jobs
+
+
+def read_records(workdir: Path) -> dict[tuple[str, str], dict]:
+    """Per stage folder: its hashed and execution keys, and the keys its jobs' code read."""
+    merged = {}
+    for path in (workdir / "settings-reads").glob("*.json"):
+        rec = json.loads(path.read_text())
+        entry = merged.setdefault((rec["stage"], rec["folder"]), {**rec, "read": set()})
+        entry["read"] |= set(rec["read_result"]) | set(rec["read_execution"])
+    return merged
+
+
+def covered(key: str, read: set[str]) -> bool:
+    """A key counts as read when it or a block holding it was handed to the code."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in read for i in range(1, len(parts) + 1))
+
+
+@pytest.mark.parametrize("run", sorted(RUNS.values()))
+def test_stage_code_reads_every_hashed_and_execution_setting(run, request):
+    """A hashed setting that no code reads re-runs work for nothing; an execution setting that no code
+    reads is a knob that does nothing. Reads outside the variant's settings cannot happen: the jobs
+    get nothing else (writer_retrieval.jobs.stage_job)."""
+    records = read_records(request.getfixturevalue(run))
+    stages = {stage for stage, _ in records}
+    assert {"binarize", "descriptors", "experiment"} <= stages
+    unread = {f"{stage} {folder}": sorted(k for k in rec["hashed"] + rec["execution"] if not covered(k, rec["read"]))
+              for (stage, folder), rec in records.items()}
+    assert {k: v for k, v in unread.items() if v} == {}
+
+
+def test_stage_folders_record_settings_and_the_facts_of_the_run(tiny_run):
+    res = tiny_run / "results" / "tiny"
+    (features,) = res.glob("features/sift-*/settings.json")
+    record = json.loads(features.read_text())
+    assert record["stage"] == "features" and record["folder"] == features.parent.name
+    assert record["result"]["contrast_threshold"] == 0.04 and record["inputs"]["binarize"].startswith("sauvola-")
+    run = record["run"]
+    assert run["jobs"] == 4 and run["seconds"] > 0 and run["device"] == "cpu" and run["threads"] >= 1
+    assert {"torch", "timm", "faiss-cpu", "numpy"} <= set(run["versions"]) and run["versions"]["numpy"]
+    (vlad,) = res.glob("vlad/sift-*/settings.json")
+    assert json.loads(vlad.read_text())["execution"] == {"chunk_size": 65536}
+    bench = pd.read_parquet(tiny_run / "results" / "benchmark.parquet")
+    assert (bench.device == "cpu").all()
+    for stage in ("binarize", "features", "codebook", "vlad", "descriptors"):
+        assert (bench[f"seconds_{stage}"] > 0).all(), stage
+    assert bench.seconds_pretrain.isna().all()  # SIFT's path has no pretraining
+    assert bench.loc[bench.rerank == "none", "seconds_rerank"].isna().all()
+    assert (bench.loc[bench.rerank != "none", "seconds_rerank"] > 0).all()
+
+
+def test_a_deleted_output_reruns_its_stage(tiny_run, vit_run, tmp_path):
+    (masks,) = (tiny_run / "results/tiny/binarize").glob("otsu-*/masks/0001")
+    aside = tmp_path / "masks-0001"
+    masks.rename(aside)
+    try:
+        jobs = dry_run_jobs(tiny_run, tmp_path, lambda cfg: None)
+    finally:
+        aside.rename(masks)
+    assert jobs == {"binarize_shard": 1, "binarize": 1, "binarize_quality_summary": 1, "report": 1, "all": 1}
+    (checkpoint,) = (vit_run / "results/tiny/pretrain").glob("attmask-*/checkpoint.pt")
+    checkpoint.rename(tmp_path / "checkpoint.pt")
+    try:
+        jobs = dry_run_jobs(vit_run, tmp_path, lambda cfg: None, "tiny-vit")
+    finally:
+        (tmp_path / "checkpoint.pt").rename(checkpoint)
+    assert jobs["pretrain"] == 1 and jobs["embed_shard"] == 2
+
+
+def write_pages(root: Path, names: list[str]) -> None:
+    for name in names:
+        page = np.full((64, 64), 230, np.uint8)
+        rng = np.random.default_rng(zlib.crc32(name.encode()))  # distinct pages (duplicates are rejected)
+        page[rng.integers(0, 64, 200), rng.integers(0, 64, 200)] = 10
+        Image.fromarray(page).save(root / name)
+
+
+def dry_output(workdir: Path, config: Path, target: str) -> str:
+    proc = snakemake(workdir, config, target, "-n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_the_dataset_index_follows_its_files(tmp_path):
+    root = tmp_path / "pages"
+    root.mkdir()
+    write_pages(root, [f"{w}-IMG_MAX_{i}.png" for w in (1, 2) for i in (w * 10, w * 10 + 1)])
+    cfg = {"datasets": {"mine": {"adapter": "icdar2017", "root": str(root)}}, "experiments": [{"dataset": "mine"}]}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    target = "results/mine/index.parquet"
+    assert snakemake(tmp_path, path, target).returncode == 0
+    assert "Nothing to be done" in dry_output(tmp_path, path, target)
+    write_pages(root, ["3-IMG_MAX_30.png"])  # a page added under root
+    assert job_counts(dry_output(tmp_path, path, target)) == {"dataset": 1}
+    assert snakemake(tmp_path, path, target).returncode == 0
+    assert len(pd.read_parquet(tmp_path / target)) == 5
+    (root / "notes.txt").write_text("not a page")  # an ignored file changes nothing
+    assert "Nothing to be done" in dry_output(tmp_path, path, target)
+    (root / "3-IMG_MAX_30.png").unlink()  # and a page removed
+    assert job_counts(dry_output(tmp_path, path, target)) == {"dataset": 1}
+
+
+def test_workflow_passes_snakemake_lint_and_snakefmt(tmp_path):
+    proc = snakemake(tmp_path, REPO / "configs" / "tiny.yaml", "--lint")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    snakefmt = Path(sys.executable).with_name("snakefmt")
+    proc = subprocess.run([str(snakefmt), "--check", "--diff", "Snakefile", "rules"], cwd=REPO, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

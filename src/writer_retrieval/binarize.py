@@ -16,7 +16,7 @@ from skimage.filters import threshold_otsu, threshold_sauvola
 from tqdm import tqdm
 
 from .imaging import load_gray, read_mask, write_mask
-from .storage import write_json, write_parquet
+from .storage import write_parquet
 
 log = logging.getLogger("writer_retrieval")
 
@@ -101,17 +101,17 @@ def binarize_shard(index_path, shard: int, shard_size: int, settings: dict, mask
     return table
 
 
-def merge_shards(shard_paths, stats_path, quality_path, settings_path, settings: dict) -> pd.DataFrame:
-    """Concatenate the shard tables into stats.parquet and quality.parquet; record the settings."""
+def merge_shards(shard_paths, stats_path, quality_path) -> pd.DataFrame:
+    """Concatenate the shard tables into stats.parquet and quality.parquet."""
     table = pd.concat([pd.read_parquet(p) for p in shard_paths], ignore_index=True)
     write_parquet(table[STATS_COLUMNS], stats_path)
     quality = table.dropna(subset=["f_measure"])[QUALITY_COLUMNS]
     write_parquet(quality, quality_path)
-    write_json(settings, settings_path)
-    log.info("%s: %d pages, mean ink ratio %.4f, %.3f s/page", settings["method"], len(table),
+    method = table["method"].iloc[0] if len(table) else "?"
+    log.info("%s: %d pages, mean ink ratio %.4f, %.3f s/page", method, len(table),
              table["ink_ratio"].mean(), table["seconds"].mean())
     if len(quality):
-        log.info("%s vs ground truth on %d pages: F-measure %.4f, PSNR %.2f dB", settings["method"], len(quality),
+        log.info("%s vs ground truth on %d pages: F-measure %.4f, PSNR %.2f dB", method, len(quality),
                  quality["f_measure"].mean(), quality["psnr"].mean())
     else:
         log.info("no ground-truth ink masks in this dataset: quality.parquet is empty")

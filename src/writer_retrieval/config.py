@@ -183,145 +183,8 @@ def uses_sam(config: dict) -> bool:
     return any(m.startswith("sam") for m in [pre["method"], *pre["compare"]])
 
 
-def segment_variant(config: dict, dataset: str) -> tuple[str, dict]:
-    """Folder 'sam-<hash>' of the Segment-Anything page regions of a dataset."""
-    settings = {**config["preprocess"]["sam"], "dataset_hash": dataset_hash(config, dataset)}
-    return f"sam-{settings_hash('segment', settings)}", settings
-
-
 def dataset_hash(config: dict, dataset: str) -> str:
     return settings_hash("dataset", config["datasets"][dataset])
-
-
-def binarize_variants(config: dict, dataset: str) -> dict[str, dict]:
-    """Binarization variants of a dataset: folder name '<method>-<hash>' -> effective settings.
-
-    The first entry is the pipeline's method (preprocess.method), then the 'compare' methods.
-    The hash covers the binarizer's own settings and the dataset's, so variants live side by side.
-    """
-    pre = config["preprocess"]
-    variants = {}
-    for method in [pre["method"], *[m for m in pre["compare"] if m != pre["method"]]]:
-        settings = binarize_settings(pre, method)
-        settings["dataset_hash"] = dataset_hash(config, dataset)
-        if method.startswith("sam"):
-            settings["segment"] = segment_variant(config, dataset)[0]
-        variants[f"{method}-{settings_hash('binarize', settings)}"] = settings
-    return variants
-
-
-def main_binarize_variant(config: dict, dataset: str) -> str:
-    """The binarization every later stage uses (preprocess.method)."""
-    return next(iter(binarize_variants(config, dataset)))
-
-
-def _variant(name: str, stage: str, settings: dict) -> tuple[str, dict]:
-    return f"{name}-{settings_hash(stage, settings)}", settings
-
-
-def features_variant(config: dict, dataset: str, features: str) -> tuple[str, dict]:
-    """Folder name '<features>-<hash>' and effective settings of a feature extractor on a dataset."""
-    feat = config["features"][features]
-    settings = {**feat, "binarize": main_binarize_variant(config, dataset)}
-    if feat["kind"] == "saghog" and feat["finetune"]["method"] == "none":
-        settings["finetune"] = {"method": "none"}  # unused fine-tuning settings change nothing
-    return _variant(features, "features", settings)
-
-
-def patches_variant(config: dict, dataset: str, features: str) -> tuple[str, dict]:
-    """Folder 'patches-<hash>' of the SIFT-keypoint patches a SAGHOG extractor uses (shared by equal settings)."""
-    settings = {**config["features"][features]["patches"], "binarize": main_binarize_variant(config, dataset)}
-    return _variant("patches", "patches", settings)
-
-
-def cluster_variant(config: dict, dataset: str, features: str) -> tuple[str, dict]:
-    """Folder 'cluster-<hash>' of the patches' pseudo labels."""
-    settings = {**config["features"][features]["cluster"], "patches": patches_variant(config, dataset, features)[0]}
-    return _variant("cluster", "cluster", settings)
-
-
-def finetune_variant(config: dict, dataset: str, features: str) -> tuple[str, dict] | None:
-    """Folder '<method>-<hash>' of a SAGHOG extractor's fine-tuning run, or None without fine-tuning."""
-    feat = config["features"][features]
-    if feat["kind"] != "saghog" or feat["finetune"]["method"] == "none":
-        return None
-    settings = {**feat["finetune"], "model": feat["model"], "seed": feat["seed"],
-                "pretrain": pretrain_variant(config, dataset, features)[0],
-                "cluster": cluster_variant(config, dataset, features)[0]}
-    return _variant(feat["finetune"]["method"], "finetune", settings)
-
-
-CODEBOOK_KEYS = ("codebook_size", "codebook_sample", "kmeans_iterations", "seed")
-VLAD_KEYS = ("intra_norm", "power", "chunk_size")
-PCA_KEYS = ("pca_dims", "pca_fit_on", "seed")
-
-
-def codebook_variant(config: dict, dataset: str, features: str) -> tuple[str, dict]:
-    agg = config["aggregation"]
-    settings = {k: agg[k] for k in CODEBOOK_KEYS}
-    settings["features"] = features_variant(config, dataset, features)[0]
-    return _variant(features, "codebook", settings)
-
-
-def vlad_variant(config: dict, dataset: str, features: str) -> tuple[str, dict]:
-    """VLAD encodings: the encoding options plus the codebook they use (a change of power keeps the codebook)."""
-    agg = config["aggregation"]
-    settings = {k: agg[k] for k in VLAD_KEYS}
-    settings["codebook"] = codebook_variant(config, dataset, features)[0]
-    settings["features"] = features_variant(config, dataset, features)[0]
-    return _variant(features, "vlad", settings)
-
-
-def pretrain_variant(config: dict, dataset: str, features: str) -> tuple[str, dict] | None:
-    """Folder '<method>-<hash>' of a feature extractor's pretraining run, or None for an untrained
-    (random) ViT and for SIFT. Extractors that differ only in how they embed share one run."""
-    feat = config["features"][features]
-    if feat["kind"] == "sift" or feat["pretrain"]["method"] == "none":
-        return None
-    settings = {**feat["pretrain"], "model": feat["model"], "seed": feat["seed"]}
-    if feat["kind"] == "saghog":
-        settings["patches"] = patches_variant(config, dataset, features)[0]
-    else:
-        settings["binarize"] = main_binarize_variant(config, dataset)
-        if uses_sam(config):  # SAM's writing-amount filter chooses the training pages
-            settings["segment"] = segment_variant(config, dataset)[0]
-    return _variant(feat["pretrain"]["method"], "pretrain", settings)
-
-
-def descriptors_variant(config: dict, dataset: str, features: str, aggregation: str = "vlad") -> tuple[str, dict]:
-    """Folder of descriptors.parquet: '<features>-<aggregation>-<hash>' (VLAD or sum pooling, then PCA)."""
-    agg = config["aggregation"]
-    settings = {k: agg[k] for k in PCA_KEYS}
-    settings["aggregation"] = aggregation
-    if aggregation == "vlad":
-        settings["vlad"] = vlad_variant(config, dataset, features)[0]
-    else:
-        settings["features"] = features_variant(config, dataset, features)[0]
-    return _variant(f"{features}-{aggregation}", "descriptors", settings)
-
-
-def experiment_grid(config: dict) -> list[dict]:
-    """One entry per (dataset, features, aggregation, rerank) of the experiments list, with its folder."""
-    grid, seen = [], set()
-    for exp in config["experiments"]:
-        for features in exp["features"]:
-            for aggregation in config["features"][features]["aggregations"]:
-                for rerank in exp["rerank"]:
-                    desc, _ = descriptors_variant(config, exp["dataset"], features, aggregation)
-                    reranked = None
-                    if rerank != "none":
-                        reranked, _ = _variant(f"{features}-{aggregation}-{rerank}", "rerank",
-                                               {"descriptors": desc, **config["rerank"][rerank]})
-                    settings = {"descriptors": desc, "rerank": rerank, "reranked": reranked,
-                                "exclude_same": exp["exclude_same"], "top_k": config["retrieval"]["top_k"]}
-                    folder, _ = _variant(f"{features}-{aggregation}-{rerank}", "experiment", settings)
-                    if (exp["dataset"], folder) in seen:
-                        continue
-                    seen.add((exp["dataset"], folder))
-                    grid.append({"dataset": exp["dataset"], "features": features, "aggregation": aggregation,
-                                 "rerank": rerank, "descriptors": desc, "reranked": reranked, "folder": folder,
-                                 "settings_hash": folder.rsplit("-", 1)[1], "settings": settings})
-    return grid
 
 
 def _imported_modules(tree: ast.AST, package: str, current: str) -> set[str]:
@@ -342,18 +205,34 @@ def _imported_modules(tree: ast.AST, package: str, current: str) -> set[str]:
     return found
 
 
-def code_version(script: str, workflow_dir) -> str:
+# Modules that route settings, log and record provenance, and never change what a stage computes:
+# the settings they hand on are hashed into the folder names, so they stay out of code versions.
+PLUMBING = frozenset({"writer_retrieval.config", "writer_retrieval.plan", "writer_retrieval.jobs",
+                      "writer_retrieval.provenance", "writer_retrieval.logs"})
+# The pretraining methods' own modules: a run's code version covers only the method it trains.
+PRETRAIN_MODULES = {"attmask": "attmask", "flip": "pretext", "rotation": "pretext", "jigsaw": "pretext",
+                    "sorting": "pretext", "saghog": "saghog"}
+
+
+def code_version(script: str, workflow_dir, skip: frozenset = frozenset()) -> str:
     """Version of a stage's code: a hash of scripts/<script>.py and every module of the package it
     imports, directly or through other modules (comments and formatting do not count: the hash
-    is over the parsed syntax tree). A stage rule passes it as a param, so editing a library
-    module re-runs exactly the stages whose code depends on it, and what follows them."""
-    return settings_hash("code", sorted(_code_trees(script, workflow_dir).items()))
+    is over the parsed syntax tree), but the plumbing and the modules in `skip`. A stage rule
+    passes it as a param, so editing a library module re-runs exactly the stages whose code
+    depends on it, and what follows them."""
+    return settings_hash("code", sorted(_code_trees(script, workflow_dir, skip).items()))
 
 
-def _code_trees(script: str, workflow_dir) -> dict[str, str]:
+def pretrain_code_skip(method: str) -> frozenset:
+    """The other methods' modules, which a `method` pretraining run imports but never runs."""
+    own = PRETRAIN_MODULES[method]
+    return frozenset(f"writer_retrieval.pretrain.{m}" for m in set(PRETRAIN_MODULES.values()) - {own})
+
+
+def _code_trees(script: str, workflow_dir, skip: frozenset = frozenset()) -> dict[str, str]:
     from pathlib import Path
 
-    root = Path(workflow_dir)
+    root = Path(workflow_dir).resolve()  # the same names (so the same hash) however the folder is spelled
     package_dir = Path(__file__).resolve().parent
     package = package_dir.name
     files = {}
@@ -369,6 +248,8 @@ def _code_trees(script: str, workflow_dir) -> dict[str, str]:
             ast.dump(tree, annotate_fields=False)
         # Relative imports resolve against the module's package (an __init__ is inside its own).
         for module in _imported_modules(tree, package, f"{name}.__init__" if path.name == "__init__.py" else name):
+            if module in PLUMBING or module in skip:
+                continue
             rel = module.split(".")[1:]
             candidates = [package_dir.joinpath(*rel).with_suffix(".py"), package_dir.joinpath(*rel, "__init__.py")]
             for candidate in candidates:
@@ -381,6 +262,6 @@ def _code_trees(script: str, workflow_dir) -> dict[str, str]:
     return files
 
 
-def code_files(script: str, workflow_dir) -> list[str]:
-    """The files code_version(script) covers (for logs and tests)."""
-    return sorted(_code_trees(script, workflow_dir))
+def code_files(script: str, workflow_dir, skip: frozenset = frozenset()) -> list[str]:
+    """The files code_version(script, skip=skip) covers (for logs and tests)."""
+    return sorted(_code_trees(script, workflow_dir, skip))

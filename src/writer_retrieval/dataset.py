@@ -7,6 +7,7 @@ Adapters: synthetic, icdar2017, icdar2019, cvl, hisfrag20, folder, words.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import logging
 import math
 import re
@@ -64,8 +65,8 @@ class Collected:
 
 # ----------------------------------------------------------------------------- file scanning
 
-def _scan(root: Path, ignore: list[str], split: str | None, out: Collected) -> list[tuple[Path, str | None]]:
-    """Image files below `root` (sorted); other files are rejected unless they match `ignore`."""
+def _walk(root: Path, ignore: list[str]) -> tuple[list[Path], int]:
+    """Files below `root` (sorted) that no `ignore` pattern matches, and how many were ignored."""
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder does not exist (check 'root' / 'splits' in the config)")
     files, ignored = [], 0
@@ -73,7 +74,16 @@ def _scan(root: Path, ignore: list[str], split: str | None, out: Collected) -> l
         rel_parts = path.relative_to(root).parts
         if any(fnmatch.fnmatch(part, pat) for part in rel_parts for pat in ignore):
             ignored += 1
-            continue
+        else:
+            files.append(path)
+    return files, ignored
+
+
+def _scan(root: Path, ignore: list[str], split: str | None, out: Collected) -> list[tuple[Path, str | None]]:
+    """Image files below `root` (sorted); other files are rejected unless they match `ignore`."""
+    paths, ignored = _walk(root, ignore)
+    files = []
+    for path in paths:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             out.rejected.append((str(path), f"not an image file (suffix '{path.suffix}')"))
             continue
@@ -83,19 +93,71 @@ def _scan(root: Path, ignore: list[str], split: str | None, out: Collected) -> l
     return files
 
 
-def _input_files(settings: dict, out: Collected) -> list[tuple[Path, str | None]]:
+def _scan_roots(settings: dict) -> list[tuple[Path, str | None]]:
+    """(folder, split) pairs an adapter reads: one per configured split, else the root itself."""
     root = Path(settings["root"])
-    ignore = settings["ignore"]
     if settings.get("splits"):
-        files = []
-        for split, sub in settings["splits"].items():
-            files += _scan(root / sub, ignore, split, out)
-        return files
-    return _scan(root, ignore, None, out)
+        return [(root / sub, split) for split, sub in settings["splits"].items()]
+    return [(root, None)]
+
+
+def _input_files(settings: dict, out: Collected) -> list[tuple[Path, str | None]]:
+    files = []
+    for folder, split in _scan_roots(settings):
+        files += _scan(folder, settings["ignore"], split, out)
+    return files
+
+
+def _relative_name(path: Path, base: Path) -> str:
+    return str(path.relative_to(base)) if path.is_relative_to(base) else str(path)
+
+
+def _labels_path(settings: dict) -> Path:
+    path = Path(settings["labels"])
+    if not path.is_absolute():
+        path = Path(settings["root"]) / path
+    if not path.is_file():
+        raise DatasetError(f"{path}: labels file not found (check 'labels' in the config)")
+    return path
+
+
+def source_manifest(settings: dict) -> str:
+    """A short fingerprint of a dataset's input files (names, sizes, mtimes), decoding nothing.
+
+    Given to the dataset rule as a param, so the index is rebuilt when a page is added, removed
+    or replaced, while DAG building stays a directory walk. "" for generated (root-less) datasets.
+    """
+    if not settings.get("root"):
+        return ""
+    root = Path(settings["root"])
+    paths = {p for folder, _ in _scan_roots(settings) for p in _walk(folder, settings["ignore"])[0]}
+    if settings.get("labels"):
+        paths.add(_labels_path(settings))  # usually matched by the '*.csv' ignore pattern, yet an input
+    digest = hashlib.sha256()
+    for name, path in sorted((_relative_name(p, root), p) for p in paths):
+        st = path.stat() if path.exists() else path.lstat()  # a broken link still counts (it is rejected)
+        digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return f"{len(paths)} files, sha256 {digest.hexdigest()[:16]}"
 
 
 def _safe_id(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+
+
+# How spreadsheets, pandas and Python exports spell an empty cell; none of them names a writer.
+_MISSING_LABELS = {"", "nan", "none", "null"}
+
+
+def _checked_writer(out: Collected, path: Path, value, where: str) -> str | None:
+    """The writer label without surrounding blanks, or None (and `path` rejected) where it is empty.
+
+    An empty label would make one big pseudo-writer '' whose pages all count as hits of each other.
+    """
+    writer = "" if value is None else str(value).strip()
+    if writer.lower() in _MISSING_LABELS:
+        out.rejected.append((str(path), f"empty writer label {where}"))
+        return None
+    return writer
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -141,13 +203,9 @@ def adapter_cvl(settings: dict, generated: Path, workers: int) -> Collected:
 
 
 def _read_labels(settings: dict, required: list[str]) -> tuple[Path, pd.DataFrame]:
-    path = Path(settings["labels"])
-    if not path.is_absolute():
-        path = Path(settings["root"]) / path
+    path = _labels_path(settings)
     try:
         labels = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: labels file not found (check 'labels' in the config)") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{path}: labels file is not a readable CSV ({exc})") from None
     missing = [c for c in required if c not in labels.columns]
@@ -157,8 +215,10 @@ def _read_labels(settings: dict, required: list[str]) -> tuple[Path, pd.DataFram
     return path, labels
 
 
-def _match_labels(settings: dict, out: Collected, files, labels_path: Path, key_of_file, keys: pd.Series):
-    """Pair files with label rows; unlisted files and listed-but-missing files are rejected."""
+def _match_labels(settings: dict, out: Collected, files, labels_path: Path, key_of_file, keys: pd.Series,
+                  writers: pd.Series):
+    """(path, split, row, writer) of files with a label row; unlisted files, listed-but-missing
+    files and rows with an empty `writers` cell are rejected."""
     dup = keys[keys.duplicated()]
     if len(dup):
         raise DatasetError(f"{labels_path}: {len(dup)} duplicate entries, e.g. {dup.iloc[0]!r}")
@@ -171,7 +231,11 @@ def _match_labels(settings: dict, out: Collected, files, labels_path: Path, key_
             out.rejected.append((str(path), f"not listed in {labels_path.name}"))
             continue
         seen.add(key)
-        pairs.append((path, split, row_of[key]))
+        row = row_of[key]
+        where = f"in {labels_path.name} (column {writers.name!r} is {writers.iloc[row]!r})"
+        writer = _checked_writer(out, path, writers.iloc[row], where)
+        if writer is not None:
+            pairs.append((path, split, row, writer))
     root = Path(settings["root"])
     for key in keys:
         if key not in seen:
@@ -186,8 +250,9 @@ def adapter_icdar2019(settings: dict, generated: Path, workers: int) -> Collecte
     # FILENAME may be given with or without the image suffix.
     with_suffix = labels["FILENAME"].str.contains(r"\.[A-Za-z0-9]+$", regex=True).all()
     key_of_file = (lambda p: p.name) if with_suffix else (lambda p: p.stem)
-    for path, split, row in _match_labels(settings, out, files, labels_path, key_of_file, labels["FILENAME"]):
-        out.candidates.append(Candidate(path, labels["ID"].iloc[row], path.stem, _safe_id(path.stem), split))
+    for path, split, _, writer in _match_labels(settings, out, files, labels_path, key_of_file, labels["FILENAME"],
+                                                labels["ID"]):
+        out.candidates.append(Candidate(path, writer, path.stem, _safe_id(path.stem), split))
     return out
 
 
@@ -203,9 +268,9 @@ def _labelled_files(settings: dict, out: Collected) -> list[tuple[Path, str | No
     if settings.get("labels"):
         labels_path, labels = _read_labels(settings, ["path", "writer"])
         keys = labels["path"].map(lambda s: str(Path(s)))
-        for path, split, row in _match_labels(settings, out, files, labels_path,
-                                              lambda p: str(p.relative_to(root)), keys):
-            result.append((path, split, labels.iloc[row].to_dict()))
+        for path, split, row, writer in _match_labels(settings, out, files, labels_path,
+                                                      lambda p: str(p.relative_to(root)), keys, labels["writer"]):
+            result.append((path, split, {**labels.iloc[row].to_dict(), "writer": writer}))
         return result
     try:
         pattern = re.compile(settings["pattern"])
@@ -218,7 +283,12 @@ def _labelled_files(settings: dict, out: Collected) -> list[tuple[Path, str | No
         if not m:
             out.rejected.append((str(path), f"name does not match pattern {pattern.pattern}"))
             continue
-        result.append((path, split, {k: v for k, v in m.groupdict().items() if v is not None}))
+        # An optional or empty-matching writer group can leave the writer out of a name that matches.
+        where = f"in the file name (group 'writer' of pattern {pattern.pattern} is empty)"
+        writer = _checked_writer(out, path, m["writer"], where)
+        if writer is not None:
+            result.append((path, split, {**{k: v for k, v in m.groupdict().items() if v is not None},
+                                         "writer": writer}))
     return result
 
 
@@ -342,7 +412,8 @@ def adapter_words(settings: dict, generated: Path, workers: int) -> Collected:
         items.append({"path": path, "split": split or (fields.get("split") or None),
                       "writer": str(fields["writer"]), "word": str(fields.get("word") or path.stem)})
     # Word images are checked before tiling, so a bad one is rejected by its own name.
-    ok, bad = _inspect_all([Path(it["path"]) for it in items], settings["empty_page_ink"], workers)
+    ok, bad = _inspect_all([Path(it["path"]) for it in items], settings["empty_page_ink"], workers,
+                           Path(settings["root"]))
     collected.rejected += bad
     items = [it for it, good in zip(items, ok) if good is not None]
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -405,23 +476,60 @@ def _inspect_one(args):
     return inspect_image(*args)
 
 
-def _inspect_all(paths: list[Path], empty_page_ink: float, workers: int):
-    """Check every image (in parallel); returns per-path (w, h) or None, and the rejected rows."""
-    args = [(p, empty_page_ink) for p in paths]
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _first_copies(paths: list[Path], base: Path, rejected: list) -> list[bool]:
+    """Keep-mask over `paths`: False for a byte-identical later copy, rejected naming the first.
+
+    A page indexed twice is a free hit in its own gallery. Only files of equal size are hashed;
+    zero-byte and unreadable files are left to the image check, which gives the better reason.
+    """
+    by_size: dict[int, list[int]] = defaultdict(list)
+    for i, path in enumerate(paths):
+        try:
+            size = path.stat().st_size
+        except OSError:
+            continue
+        if size:
+            by_size[size].append(i)
+    keep = [True] * len(paths)
+    for group in (g for g in by_size.values() if len(g) > 1):
+        first: dict[str, int] = {}
+        for i in group:
+            try:
+                digest = _file_digest(paths[i])
+            except OSError:
+                continue
+            if digest in first:
+                keep[i] = False
+                rejected.append((str(paths[i]), f"duplicate of {_relative_name(paths[first[digest]], base)}"))
+            else:
+                first[digest] = i
+    return keep
+
+
+def _inspect_all(paths: list[Path], empty_page_ink: float, workers: int, base: Path):
+    """Drop byte-identical copies, then check every image (in parallel); returns per-path (w, h)
+    or None, and the rejected rows (duplicates named relative to `base`)."""
+    rejected: list[tuple[str, str]] = []
+    todo = [i for i, keep in enumerate(_first_copies(paths, base, rejected)) if keep]
+    args = [(paths[i], empty_page_ink) for i in todo]
     desc = "checking images"
-    if workers > 1 and len(paths) > 16:
+    if workers > 1 and len(args) > 16:
         with ProcessPoolExecutor(workers) as pool:
             results = list(tqdm(pool.map(_inspect_one, args, chunksize=8), total=len(args), desc=desc,
                                 unit="img", mininterval=2))
     else:
         results = [_inspect_one(a) for a in tqdm(args, desc=desc, unit="img", mininterval=2)]
-    sizes, rejected = [], []
-    for p, r in zip(paths, results):
+    sizes: list[tuple[int, int] | None] = [None] * len(paths)
+    for i, r in zip(todo, results):
         if isinstance(r, str):
-            rejected.append((str(p), r))
-            sizes.append(None)
+            rejected.append((str(paths[i]), r))
         else:
-            sizes.append(r)
+            sizes[i] = r
     return sizes, rejected
 
 
@@ -459,7 +567,8 @@ def build_index(name: str, settings: dict, index_path, rejected_path, generated_
     log.info("dataset %s: adapter %s", name, adapter)
     collected = ADAPTERS[adapter](settings, generated, workers)
     cands = collected.candidates
-    sizes, bad = _inspect_all([c.path for c in cands], settings.get("empty_page_ink", 0.0005), workers)
+    sizes, bad = _inspect_all([c.path for c in cands], settings.get("empty_page_ink", 0.0005), workers,
+                              Path(settings["root"]) if settings.get("root") else generated)
     rejected_rows = collected.rejected + bad
 
     rows, seen_ids = [], {}

@@ -19,8 +19,10 @@ import torch
 from tqdm import tqdm
 
 from .binarize import shard_rows
+from .devices import resolve_device
 from .imaging import read_mask
-from .storage import write_npy, write_parquet
+from .storage import write_array_shard, write_parquet
+from .vit import build_backbone, forward_tokens, load_backbone, to_input
 
 log = logging.getLogger("writer_retrieval")
 
@@ -62,8 +64,6 @@ def fuse_layers(layers: list[torch.Tensor], fuse: str) -> torch.Tensor:
 @torch.no_grad()
 def embed_windows(backbone, windows: np.ndarray, settings: dict, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """[CLS] (n, D') and patch tokens (n, N, D') of a batch of windows (fused over the chosen layers)."""
-    from .pretrain import forward_tokens, to_input
-
     images = torch.stack([to_input(w) for w in windows]).to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     with autocast:
@@ -93,8 +93,6 @@ def embed_page(backbone, ink: np.ndarray, settings: dict, patch: int, device: to
 
 def load_model(settings: dict, backbone_path, device: torch.device):
     """The trained student backbone, or (no pretraining) a randomly initialised one with a fixed seed."""
-    from .pretrain import build_backbone, load_backbone
-
     if backbone_path:
         return load_backbone(backbone_path, settings["model"], device=device)
     model = build_backbone(settings["model"], seed=settings["seed"]).to(device)
@@ -104,112 +102,44 @@ def load_model(settings: dict, backbone_path, device: torch.device):
 def embed_shard(index_path, masks_table, shard: int, shard_size: int, settings: dict, backbone_path,
                 tokens_path, cls_path, shard_index_path, stats_path, device: str = "auto") -> pd.DataFrame:
     """Embed one shard of the index; float16 token shards with a Parquet index and per-page stats."""
-    from .pretrain import resolve_device
-
     dev = resolve_device(device)
     torch.manual_seed(settings["seed"])
     backbone = load_model(settings, backbone_path, dev)
     patch = settings["model"]["patch_size"]
     if settings["window"] % patch:
         raise ValueError(f"embed window {settings['window']} is not a multiple of the patch size {patch}")
-    index = pd.read_parquet(index_path)
-    rows = shard_rows(index, shard, shard_size)
+    rows = shard_rows(pd.read_parquet(index_path), shard, shard_size)
     mask_of = dict(pd.read_parquet(masks_table, columns=["doc_id", "mask_path"]).itertuples(index=False))
-    token_parts, cls_parts, entries, stats = [], [], [], []
-    offset = cls_offset = 0
+    tokens, cls, stats = {}, {}, []
     width = None
     for doc in tqdm(rows.itertuples(index=False), total=len(rows), desc=f"embed shard {shard}", unit="page",
                     mininterval=2):
         start = time.perf_counter()
         out = embed_page(backbone, read_mask(mask_of[doc.doc_id]), settings, patch, dev)
-        if out["dim"] is not None:
-            width = out["dim"]
-            token_parts.append(out["tokens"].astype(np.float16))
-            cls_parts.append(out["cls"].astype(np.float16))
-        n_tokens, n_cls = len(out["tokens"]) if out["dim"] else 0, len(out["cls"]) if out["dim"] else 0
-        if n_tokens == 0:
+        width = out["dim"] or width
+        tokens[doc.doc_id], cls[doc.doc_id] = out["tokens"].astype(np.float16), out["cls"].astype(np.float16)
+        if len(out["tokens"]) == 0:
             log.warning("%s: no foreground tokens (no window with a patch of >= %d ink pixels)", doc.path,
                         settings["t_fg"])
-        entries.append({"doc_id": doc.doc_id, "n_tokens": n_tokens, "shard": shard, "offset": offset,
-                        "n_windows": n_cls, "cls_offset": cls_offset})
-        offset += n_tokens
-        cls_offset += n_cls
         stats.append({"doc_id": doc.doc_id, "writer": doc.writer, "split": doc.split, "n_windows": out["n_windows"],
-                      "n_windows_embedded": out["n_windows_embedded"], "n_tokens": n_tokens,
+                      "n_windows_embedded": out["n_windows_embedded"], "n_tokens": len(out["tokens"]),
                       "seconds": time.perf_counter() - start})
-    if width is None:
-        width = token_width(settings)
-    write_npy(np.concatenate(token_parts) if token_parts else np.zeros((0, width), np.float16), tokens_path)
-    write_npy(np.concatenate(cls_parts) if cls_parts else np.zeros((0, width), np.float16), cls_path)
-    write_parquet(pd.DataFrame(entries), shard_index_path)
+    write_token_shard(tokens, cls, shard, width or token_width(settings), tokens_path, cls_path, shard_index_path)
     table = pd.DataFrame(stats)
     write_parquet(table, stats_path)
     return table
 
 
-def token_width(settings: dict) -> int:
-    from .pretrain import build_backbone
+def write_token_shard(tokens: dict, cls: dict, shard: int, width: int, tokens_path, cls_path, index_path) -> None:
+    """The patch tokens and the window [CLS] tokens of a shard's pages (float16 array shards) with
+    one Parquet index: n_tokens / offset locate a page's tokens (vlad.load_tokens), n_windows /
+    cls_offset its [CLS] rows (pca.sum_pooled_cls)."""
+    t = write_array_shard(tokens, tokens_path, None, np.float16, width, count="n_tokens")
+    c = write_array_shard(cls, cls_path, None, np.float16, width, count="n_windows", offset="cls_offset")
+    write_parquet(pd.DataFrame({"doc_id": t.doc_id, "n_tokens": t.n_tokens, "shard": shard, "offset": t.offset,
+                                "n_windows": c.n_windows, "cls_offset": c.cls_offset}), index_path)
 
+
+def token_width(settings: dict) -> int:
     dim = build_backbone(settings["model"]).embed_dim
     return dim * settings["layers"] if settings["fuse"] == "concat" else dim
-
-
-# --------------------------------------------------------------------------------------------
-# Patch path (SAGHOG): page descriptor = power-normalised sum of its patch encodings
-# --------------------------------------------------------------------------------------------
-
-def power_l2(x: np.ndarray, power: float) -> np.ndarray:
-    """Signed power normalisation |x|^power * sign(x), then L2 per row (zero rows stay zero)."""
-    x = np.asarray(x, np.float64)
-    y = np.sign(x) * np.abs(x) ** float(power)
-    norms = np.linalg.norm(y, axis=-1, keepdims=True)
-    return np.where(norms > 0, y / np.where(norms > 0, norms, 1.0), 0.0)
-
-
-def embed_patches_shard(patches_path, shard_index_path, encode, batch_size: int, power: float, out_vectors,
-                        out_index, out_stats, index_path, shard: int, shard_size: int) -> pd.DataFrame:
-    """One vector per page of a shard of the dataset index: the sum of the page's patch encodings
-    (`encode`: uint8 patches [n, H, W] -> float32 [n, F]) -> signed power -> L2.
-
-    The pages come from the dataset index (`shard_rows(index, shard, shard_size)`), their patches
-    from the patch stage's shard (patches .npy + per-patch index with doc_id); a page without
-    patches gets a zero row and a warning. Writes out_vectors .npy float32 [n_docs, F] (index order),
-    out_index (doc_id, n_patches) and out_stats (doc_id, writer, split, n_patches, seconds); returns the stats.
-    """
-    rows = shard_rows(pd.read_parquet(index_path), shard, shard_size)
-    patches = np.load(patches_path, mmap_mode="r")
-    patch_docs = pd.read_parquet(shard_index_path, columns=["doc_id"]).doc_id.astype(str)
-    if len(patch_docs) != len(patches):
-        raise ValueError(f"{shard_index_path} has {len(patch_docs)} rows but {patches_path} {len(patches)} patches")
-    positions = patch_docs.groupby(patch_docs, sort=False).indices
-    docs = [str(d) for d in rows.doc_id]
-    writers, splits = rows.writer.tolist(), rows.split.tolist()
-    strangers = sorted(set(positions) - set(docs))
-    if strangers:
-        raise ValueError(f"{shard_index_path}: patches of {len(strangers)} document(s) not in shard {shard} of "
-                         f"{index_path}, e.g. {strangers[0]!r} (patch and index shards do not match)")
-    width = getattr(encode, "dim", None)
-    if width is None:  # the width of the encoding of one blank patch
-        width = np.asarray(encode(np.zeros((1, *patches.shape[1:]), np.uint8))).shape[1]
-    width = int(width)
-    batch_size = max(int(batch_size), 1)
-    vectors = np.zeros((len(docs), width), np.float32)
-    stats = []
-    for i, doc in enumerate(tqdm(docs, desc=f"embed patches shard {shard}", unit="page", mininterval=2)):
-        start = time.perf_counter()
-        where = np.sort(np.asarray(positions.get(doc, []), np.int64))
-        total = np.zeros(width, np.float64)
-        for b in range(0, len(where), batch_size):
-            chunk = np.asarray(patches[where[b:b + batch_size]])
-            total += np.asarray(encode(chunk), np.float64).sum(axis=0)
-        if len(where) == 0:
-            log.warning("%s: no patches; its descriptor is a zero vector", doc)
-        else:
-            vectors[i] = power_l2(total[None], power)[0]
-        stats.append({"doc_id": doc, "writer": writers[i], "split": splits[i], "n_patches": int(len(where)),
-                      "seconds": time.perf_counter() - start})
-    write_npy(vectors, out_vectors)
-    table = pd.DataFrame(stats, columns=["doc_id", "writer", "split", "n_patches", "seconds"])
-    write_parquet(table[["doc_id", "n_patches"]], out_index)
-    write_parquet(table, out_stats)
-    return table

@@ -105,13 +105,3 @@ def extract_shard(index_path, masks_table, shard: int, shard_size: int, settings
 def load_descriptors(npy_path, shard_index_path) -> dict[str, np.ndarray]:
     """doc_id -> RootSIFT descriptors (float32) of one shard."""
     return {d: root_sift(a) for d, a in read_array_shard(npy_path, shard_index_path).items()}
-
-
-def merge_stats(stats_paths, out_path) -> pd.DataFrame:
-    """Concatenate the per-shard stats tables (SIFT counts or ViT window/token counts)."""
-    table = pd.concat([pd.read_parquet(p) for p in stats_paths], ignore_index=True)
-    write_parquet(table, out_path)
-    counts = [c for c in table.columns if c.startswith("n_")]
-    per_split = table.groupby("split")[counts].agg(["mean", "min", "max"])
-    log.info("%d pages (%.2f s/page):\n%s", len(table), table.seconds.mean(), per_split.to_string())
-    return table

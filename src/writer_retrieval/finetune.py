@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .devices import resolve_device
 from .errors import InputError
-from .pretrain.backbone import resolve_device
 from .pretrain.loop import NetTrainer, train
 from .pretrain.saghog import PatchDataset, build_encoder, load_encoder, model_with_defaults
 

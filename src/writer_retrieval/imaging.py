@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 from .storage import atomic_path
@@ -91,7 +91,8 @@ def _to_gray8(arr: np.ndarray, mode: str) -> np.ndarray:
 def load_gray(path: str | os.PathLike) -> np.ndarray:
     """Load any common image (8/16-bit gray, RGB, RGBA, palette; PNG, JPEG, TIFF, ...) as 8-bit gray.
 
-    Transparent pixels are composited onto white paper. Raises BadImageError with the
+    The EXIF orientation is applied (the page comes out upright, as viewers show it), and
+    transparent pixels are composited onto white paper. Raises BadImageError with the
     rejection reason for zero-byte, truncated, unreadable or unsupported files.
     """
     path = Path(path)
@@ -107,6 +108,9 @@ def load_gray(path: str | os.PathLike) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
+            # Phone and camera scans store pages rotated with an EXIF orientation tag; without it
+            # the features would see sideways writing and the index would record swapped sizes.
+            ImageOps.exif_transpose(im, in_place=True)
             mode = im.mode
             if mode not in _SUPPORTED_MODES:
                 raise BadImageError(f"unsupported mode ({mode})")

@@ -10,18 +10,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sklearn.decomposition import PCA
 
-from .storage import write_json, write_parquet
+from .normalise import power_l2
+from .storage import read_array_shard, write_json, write_parquet
 
 log = logging.getLogger("writer_retrieval")
 
 # Components whose variance is below this share of the largest are noise or rank deficiency:
 # whitening would divide by ~0 and blow them up, so they are dropped.
 RANK_TOLERANCE = 1e-6
-
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
 
 
 class Whitening:
@@ -53,7 +49,7 @@ class Whitening:
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         y = (np.asarray(x, np.float64) - self.mean_) @ self.components_.T * self.scale_
-        return l2_normalise(y).astype(np.float32)
+        return power_l2(y).astype(np.float32)
 
 
 DESCRIPTOR_COLUMNS = ["doc_id", "writer", "split", "descriptor"]
@@ -80,10 +76,8 @@ def read_descriptors(path) -> tuple[pd.DataFrame, np.ndarray]:
 
 def sum_pooled_cls(cls_path, shard_index_path) -> dict[str, np.ndarray]:
     """doc_id -> sum of the page's window [CLS] tokens (zeros for a page without foreground)."""
-    stacked = np.load(cls_path, mmap_mode="r")
-    index = pd.read_parquet(shard_index_path)
-    return {d: np.asarray(stacked[o:o + n], np.float64).sum(axis=0).astype(np.float32)
-            for d, n, o in zip(index.doc_id, index.n_windows, index.cls_offset)}
+    shard = read_array_shard(cls_path, shard_index_path, count="n_windows", offset="cls_offset")
+    return {d: np.asarray(rows, np.float64).sum(axis=0).astype(np.float32) for d, rows in shard.items()}
 
 
 def whiten(doc_ids, vectors: np.ndarray, index_path, settings: dict, out_path, info_path) -> pa.Table:
@@ -104,7 +98,7 @@ def whiten(doc_ids, vectors: np.ndarray, index_path, settings: dict, out_path, i
         log.info("PCA whitening fit on %d %s documents: %d -> %d dims (%.1f%% variance)", len(fit_rows), fit_on,
                  vectors.shape[1], out.shape[1], 100 * info["explained_variance"])
     else:
-        out = l2_normalise(np.asarray(vectors, np.float32))
+        out = power_l2(np.asarray(vectors, np.float32))
         info.update(pca_dims=0)
     table = descriptor_table(doc_ids, index, out)
     write_parquet(table, out_path)

@@ -127,7 +127,9 @@ def write_report(benchmark_path, chart_path, experiments: list[dict], report_set
     """experiments: dicts with dataset, folder, rankings (path), index (path);
     figures: title -> (PNG path, caption) shown after the tables."""
     table = pd.read_parquet(benchmark_path)
-    shown = table.drop(columns=["settings_hash", "code_version"], errors="ignore").copy()
+    # Provenance columns (per-stage seconds, device, hashes) stay in benchmark.parquet.
+    hidden = ["settings_hash", "code_version", "kind", *[c for c in table.columns if c.startswith("seconds_")]]
+    shown = table.drop(columns=hidden, errors="ignore").copy()
     for col in ("map", "top1", "p_at_5", "p_at_10", "chance_map"):
         shown[col] = (100 * shown[col]).map(lambda v: f"{v:.2f}")
     chart = base64.b64encode(Path(chart_path).read_bytes()).decode()

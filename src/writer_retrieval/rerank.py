@@ -28,18 +28,20 @@ import numpy as np
 import scipy.sparse as sp
 
 from .errors import InputError
+from .lowrank import SparseLowRank, pair_dots
+from .normalise import power_l2
+from .storage import write_reranked
 
 log = logging.getLogger("writer_retrieval")
 
 
 def check_descriptors(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, np.float32)
-    norms = np.linalg.norm(x, axis=1)
-    zero = np.flatnonzero(norms < 1e-12)
+    zero = np.flatnonzero(np.linalg.norm(x, axis=1) < 1e-12)
     if len(zero):
         raise InputError(f"reranking needs non-zero descriptors; {len(zero)} are all zeros "
                          f"(first at row {zero[0]}): their cosine similarity is undefined")
-    return x / norms[:, None]
+    return power_l2(x)
 
 
 def neighbours(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +104,7 @@ def krnn(x: np.ndarray, k: int = 2) -> np.ndarray:
     merged = (sp.identity(n, format="csr", dtype=np.float32) + reciprocal) @ x
     counts = np.asarray(reciprocal.sum(axis=1)).ravel() + 1
     merged = merged / counts[:, None]
-    return (merged / np.linalg.norm(merged, axis=1, keepdims=True)).astype(np.float32)
+    return power_l2(merged).astype(np.float32)
 
 
 def _propagate(a: sp.csr_matrix, x: np.ndarray, k: int, weight_power: int, s_idx: np.ndarray | None = None) -> sp.csr_matrix:
@@ -126,61 +128,6 @@ def _propagate(a: sp.csr_matrix, x: np.ndarray, k: int, weight_power: int, s_idx
     w = pair_dots(x, x, rows, cols) ** weight_power
     weights = sp.csr_matrix((w, (rows, cols)), shape=(n, n))
     return _row_l2(a + weights @ a).tocsr()
-
-
-class SparseLowRank:
-    """Rows A = T + U V^T: T sparse (N x N), U and V dense (N x r); never materialised."""
-
-    def __init__(self, t: sp.csr_matrix, u: np.ndarray, v: np.ndarray, symmetric_low_rank: bool = False):
-        self.t, self.u, self.v = t.tocsr(), u, v
-        self.symmetric_low_rank = symmetric_low_rank  # U V^T is itself symmetric
-        self._tv = self._gram = None
-
-    @property
-    def shape(self):
-        return self.t.shape
-
-    def tv(self) -> np.ndarray:
-        if self._tv is None:
-            self._tv = np.asarray(self.t @ self.v)
-        return self._tv
-
-    def gram(self) -> np.ndarray:
-        if self._gram is None:
-            self._gram = self.v.T @ self.v
-        return self._gram
-
-    def stored_entries(self) -> np.ndarray:
-        """A_ij at T's stored positions, in T's data order."""
-        rows = np.repeat(np.arange(self.shape[0]), np.diff(self.t.indptr))
-        return self.t.data + pair_dots(self.u, self.v, rows, self.t.indices)
-
-    def row_norms(self) -> np.ndarray:
-        t2 = np.asarray(self.t.multiply(self.t).sum(axis=1)).ravel()
-        cross = np.einsum("ij,ij->i", self.tv(), self.u)
-        low = np.einsum("ij,ij->i", self.u @ self.gram(), self.u)
-        return np.sqrt(np.maximum(t2 + 2 * cross + low, 0.0))
-
-    def scores(self, a: int, b: int) -> np.ndarray:
-        """A[a:b] A^T (dot products of rows a..b with all rows)."""
-        ta, ua = self.t[a:b], self.u[a:b]
-        out = (ta @ self.t.T).toarray()
-        out += np.asarray(ta @ self.v) @ self.u.T
-        out += ua @ self.tv().T
-        out += (ua @ self.gram()) @ self.u.T
-        return out.astype(np.float32)
-
-    def to_dense(self) -> np.ndarray:
-        return self.t.toarray() + self.u @ self.v.T
-
-
-def pair_dots(a: np.ndarray, b: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: int = 65536) -> np.ndarray:
-    """a[rows[p]] . b[cols[p]] for every pair p, in chunks (bounded memory)."""
-    out = np.empty(len(rows), np.float64)
-    for start in range(0, len(rows), chunk):
-        r, c = rows[start:start + chunk], cols[start:start + chunk]
-        out[start:start + chunk] = np.einsum("ij,ij->i", a[r], b[c])
-    return out
 
 
 def fit_background(x: np.ndarray, s_val: np.ndarray, gamma: float, samples: int = 200_000, seed: int = 0):
@@ -276,31 +223,4 @@ def rerank_test_split(descriptors_path, settings: dict, out_path) -> None:
     meta, x = read_descriptors(descriptors_path)
     test = (meta.split == "test").to_numpy()
     doc_ids = meta.doc_id[test].to_numpy().astype(str)
-    out = rerank(x[test], settings)
-    write_reranked(out_path, doc_ids, out)
-
-
-def write_reranked(path, doc_ids: np.ndarray, matrix) -> None:
-    from .storage import atomic_path
-
-    with atomic_path(path, ".npz") as tmp:
-        if isinstance(matrix, SparseLowRank):
-            t = matrix.t
-            np.savez(tmp, doc_ids=doc_ids, data=t.data, indices=t.indices, indptr=t.indptr, shape=np.array(t.shape),
-                     u=matrix.u, v=matrix.v)
-        elif sp.issparse(matrix):
-            m = sp.csr_matrix(matrix, dtype=np.float32)
-            np.savez(tmp, doc_ids=doc_ids, data=m.data, indices=m.indices, indptr=m.indptr, shape=np.array(m.shape))
-        else:
-            np.savez(tmp, doc_ids=doc_ids, dense=np.asarray(matrix, np.float32))
-
-
-def read_reranked(path):
-    """(doc_ids, rows): rows dense (N x D) or scipy.sparse (N x N)."""
-    with np.load(path) as f:
-        if "dense" in f:
-            return f["doc_ids"], f["dense"]
-        t = sp.csr_matrix((f["data"], f["indices"], f["indptr"]), shape=tuple(f["shape"]))
-        if "u" in f:
-            return f["doc_ids"], SparseLowRank(t, f["u"], f["v"])
-        return f["doc_ids"], t
+    write_reranked(out_path, doc_ids, rerank(x[test], settings))

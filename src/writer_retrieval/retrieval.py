@@ -16,7 +16,8 @@ import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
 
-from .storage import write_parquet
+from .lowrank import SparseLowRank
+from .storage import read_reranked, write_parquet
 
 log = logging.getLogger("writer_retrieval")
 
@@ -135,12 +136,11 @@ def run_experiment(descriptors_path, index_path, labels: dict, settings: dict, r
                    reranked_path=None) -> pd.DataFrame:
     """Score one experiment on the test split, on the descriptors or on their reranked rows."""
     from .pca import read_descriptors
-    from .rerank import read_reranked
 
     start_time = time.perf_counter()
     index = pd.read_parquet(index_path, columns=["doc_id", "writer", "page"]).set_index("doc_id")
     if reranked_path:
-        doc_ids, x = read_reranked(reranked_path)
+        doc_ids, x = read_reranked(reranked_path, SparseLowRank)
     else:
         meta, x = read_descriptors(descriptors_path)
         test = (meta.split == "test").to_numpy()
@@ -153,7 +153,8 @@ def run_experiment(descriptors_path, index_path, labels: dict, settings: dict, r
     write_parquet(rankings, rankings_path, RANKINGS_SCHEMA)
     row = {**labels, **metrics, "exclude_same": settings["exclude_same"],
            "seconds": time.perf_counter() - start_time}
-    table = pd.DataFrame([row])[METRICS_COLUMNS]
+    # Further labels (feature kind, device, per-stage seconds of the path) follow the fixed columns.
+    table = pd.DataFrame([row])[METRICS_COLUMNS + [k for k in labels if k not in METRICS_COLUMNS]]
     write_parquet(table, metrics_path)
     log.info("%s / %s / %s / %s: mAP %.4f, Top-1 %.4f, P@5 %.4f, P@10 %.4f on %d queries (%d skipped); "
              "chance mAP %.4f", labels["dataset"], labels["features"], labels["aggregation"], labels["rerank"],

@@ -384,14 +384,6 @@ def build_sam(model_type: str, checkpoint: str | os.PathLike | None, device: str
     return sam
 
 
-def resolve_device(device: str = "auto") -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def make_generator(sam, settings: dict | None = None):
     """SamAutomaticMaskGenerator of the package the model comes from (mobile_sam for vit_t)."""
     s = _settings(settings)
@@ -571,9 +563,10 @@ def _row_fields(row: Any) -> tuple[str, str]:
     return str(row.doc_id), str(row.path)
 
 
-def segment_pages(rows: Iterable, settings: dict | None, out_dir: str | os.PathLike, *, device: str = "auto",
+def segment_pages(rows: Iterable, settings: dict | None, pages_dir: str | os.PathLike,
+                  regions_dir: str | os.PathLike, *, device: str = "auto",
                   random_weights_for_testing: bool = False) -> pd.DataFrame:
-    """Segment every page; write out_dir/pages/{doc_id}.png and out_dir/regions/{doc_id}.png.
+    """Segment every page; write pages_dir/{doc_id}.png and regions_dir/{doc_id}.png.
 
     `rows`: a DataFrame or an iterable of records/dicts with doc_id and path. `settings`: the
     preprocess.sam section (model_type, checkpoint, generator thresholds, min_keypoints,
@@ -590,13 +583,14 @@ def segment_pages(rows: Iterable, settings: dict | None, out_dir: str | os.PathL
     random_weights_for_testing: see `build_sam` (testing only; settings["image_size"] sets the
     tiny model's input size, default 256).
     """
+    from .devices import resolve_device  # not at the top: it imports torch, and config validation imports this module
+
     s = _settings(settings)
-    out_dir = Path(out_dir)
     if isinstance(rows, pd.DataFrame):
         rows = list(rows.itertuples(index=False))
     else:
         rows = list(rows)
-    device = resolve_device(device)
+    device = str(resolve_device(device))
     model_type = s["model_type"]
     if random_weights_for_testing:
         sam = build_sam(model_type, None, device, random_weights_for_testing=True,
@@ -624,8 +618,8 @@ def segment_pages(rows: Iterable, settings: dict | None, out_dir: str | os.PathL
             drops.append(f"fewer than {min_ink} ink pixels")
         if drops:
             reason += "; too little writing: " + " and ".join(drops)
-        write_gray(out_dir / "pages" / f"{doc_id}.png", cleaned)
-        write_mask(out_dir / "regions" / f"{doc_id}.png", region)
+        write_gray(Path(pages_dir) / f"{doc_id}.png", cleaned)
+        write_mask(Path(regions_dir) / f"{doc_id}.png", region)
         records.append({
             "doc_id": doc_id, "region_area_ratio": float(region.mean()), "kept": not drops, "reason": reason,
             "seconds": time.perf_counter() - start, "crop_y0": y0, "crop_y1": y1, "crop_x0": x0, "crop_x1": x1,

@@ -14,7 +14,8 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm import tqdm
 
-from .storage import write_json, write_npy, write_parquet
+from .normalise import power_l2
+from .storage import read_array_shard, write_json, write_npy, write_parquet
 
 log = logging.getLogger("writer_retrieval")
 
@@ -88,13 +89,8 @@ def normalise(vlad: np.ndarray, intra: bool, power: float) -> np.ndarray:
     """Intra-normalisation (per centroid L2), signed power normalisation, global L2; returns a flat vector."""
     v = np.asarray(vlad, np.float64)
     if intra:
-        norms = np.linalg.norm(v, axis=1, keepdims=True)
-        v = np.divide(v, norms, out=np.zeros_like(v), where=norms > 0)
-    v = v.ravel()
-    if power != 1.0:
-        v = np.sign(v) * np.abs(v) ** power
-    norm = np.linalg.norm(v)
-    return (v / norm if norm > 0 else v).astype(np.float32)
+        v = power_l2(v, axis=1)
+    return power_l2(v.ravel(), power, axis=None).astype(np.float32)
 
 
 def encode(descriptors: np.ndarray, centroids: np.ndarray, settings: dict) -> np.ndarray:
@@ -127,7 +123,6 @@ def encode_shard(descriptors_by_doc: dict[str, np.ndarray], codebook_path, setti
 
 
 def load_tokens(tokens_path, shard_index_path) -> dict[str, np.ndarray]:
-    """doc_id -> foreground patch tokens (float32) of one shard."""
-    stacked = np.load(tokens_path, mmap_mode="r")
-    index = pd.read_parquet(shard_index_path)
-    return {d: np.asarray(stacked[o:o + n], np.float32) for d, n, o in zip(index.doc_id, index.n_tokens, index.offset)}
+    """doc_id -> foreground patch tokens (float32) of one shard (embed.write_token_shard)."""
+    shard = read_array_shard(tokens_path, shard_index_path, count="n_tokens")
+    return {d: np.asarray(rows, np.float32) for d, rows in shard.items()}

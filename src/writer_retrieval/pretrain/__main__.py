@@ -1,4 +1,4 @@
-"""Command line for torchrun: python -m writer_retrieval.pretrain --inputs F --settings F --out DIR."""
+"""Command line for torchrun: python -m writer_retrieval.pretrain --job inputs.json --out DIR."""
 import argparse
 import json
 import logging
@@ -13,11 +13,10 @@ from . import METHODS, run
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m writer_retrieval.pretrain",
                                      description=f"self-supervised pretraining ({', '.join(METHODS)})")
-    parser.add_argument("--inputs", required=True,
-                        help='JSON file: {"page_masks": [...]} or {"patch_shards": [...], "doc_ids": [...]}')
-    parser.add_argument("--settings", required=True, help="JSON file with the pretraining settings")
+    parser.add_argument("--job", required=True,
+                        help='JSON file: {"inputs": {"page_masks": [...]} or {"patch_shards": [...], "doc_ids": [...]}, '
+                             '"settings": {...}, "device": "auto | cpu | cuda"} (the pretrain rule\'s inputs.json)')
     parser.add_argument("--out", required=True, help="output folder (checkpoint.pt, backbone.pt, log.parquet)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--log", default=None, help="log file (rank 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -26,9 +25,8 @@ def main(argv=None) -> int:
     with stage_logging(args.log if rank == 0 else None, "pretrain") as logger:
         if rank != 0:
             logger.setLevel(logging.WARNING)
-        inputs = json.loads(Path(args.inputs).read_text())
-        settings = json.loads(Path(args.settings).read_text())
-        summary = run(inputs, settings, args.out, device=args.device, progress=not args.no_progress)
+        job = json.loads(Path(args.job).read_text())
+        summary = run(job["inputs"], job["settings"], args.out, device=job["device"], progress=not args.no_progress)
         if rank == 0:
             logger.info("pretrain done: %s", json.dumps(summary, default=str))
     return 0

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import InputError
-from .backbone import _forward, build_backbone
+from ..vit import _forward, build_backbone
 from .loop import AUGMENTATION, Optimization, WindowDataset, cosine_schedule, page_windows, train, wrap_ddp
 
 REQUIRED_SETTINGS = (

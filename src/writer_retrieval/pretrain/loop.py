@@ -27,9 +27,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..devices import resolve_device
 from ..errors import InputError
 from ..storage import atomic_path, write_parquet
-from .backbone import resolve_device, to_input
+from ..vit import to_input
 
 log = logging.getLogger("writer_retrieval")
 
@@ -430,6 +431,10 @@ def train(dataset, s: dict, out_dir, make_trainer, *, device: str = "auto", prog
         import torch.distributed as dist
 
         is_main = rank == 0
+        planned = s.get("effective_batch_size")  # hashed into the run's folder: the world must match it
+        if planned is not None and bs * world_size != int(planned):
+            raise InputError(f"{name}: batch_size {bs} x {world_size} processes = {bs * world_size}, but this run's "
+                             f"effective batch is {planned}; set gpus so that batch_size x gpus = {planned}")
         if batch_sampler is None:
             per_epoch = len(epoch_subset(len(dataset), cap, seed, 0))
             per_rank = math.ceil(per_epoch / world_size)

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import InputError
-from .backbone import build_backbone, forward_tokens, to_input
+from ..vit import build_backbone, forward_tokens, to_input
 from .loop import AUGMENTATION, NetTrainer, WindowDataset, page_windows, train
 
 TASKS = ("flip", "rotation", "jigsaw", "sorting")

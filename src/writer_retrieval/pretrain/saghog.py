@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..devices import resolve_device
 from ..errors import InputError
-from .backbone import resolve_device
 from .loop import NetTrainer, train
 
 log = logging.getLogger("writer_retrieval")

@@ -1,5 +1,8 @@
 """The ViT backbone every window-based pretraining method trains and the embedding stage loads.
 
+A top-level module, not part of the pretrain package, so that the embedding stage (and its code
+version) depends on the network alone, not on the training methods.
+
 Input convention shared with the embedding stage: `to_input` (ink = 1.0, paper = 0.0, float32,
 shape [1, H, W]); `build_backbone` (timm ViT, in_chans 1, random init, a learnable
 `mask_token` for masked image modelling, saved in backbone.pt); `forward_tokens` (final-norm
@@ -11,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import InputError
-
+from .devices import resolve_device
+from .errors import InputError
 
 
 def to_input(window: np.ndarray) -> torch.Tensor:
@@ -21,26 +24,6 @@ def to_input(window: np.ndarray) -> torch.Tensor:
     if arr.ndim != 2:
         raise ValueError(f"to_input expects a 2-D window, got shape {arr.shape}")
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' -> cuda if available else cpu; 'cpu' / 'cuda' / 'cuda:N' explicit."""
-    if isinstance(device, torch.device):
-        device = str(device)
-    device = (device or "auto").strip().lower()
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        return torch.device("cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available on this machine "
-                             "(no GPU or a CPU-only torch build); use device 'cpu' or 'auto'")
-        dev = torch.device(device)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s) visible")
-        return dev
-    raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'")
 
 
 def build_backbone(model: dict, seed: int | None = None) -> nn.Module:

@@ -1,0 +1,384 @@
+"""The plan of a workflow run: every stage variant of every experiment, built once from a validated config.
+
+A variant is one folder of one stage (`results/<dataset>/<stage dir>/<name>-<hash>/`). Its
+settings are split by the schema's `x-execution` marks into result settings, which decide what
+the stage computes and are hashed into the folder name, and execution settings (devices,
+inference batch sizes, workers, chunk sizes, checkpoint cadence), which are not: changing one of
+those alone plans no job. The upstream folders a variant reads are its inputs, hashed with it.
+
+The Snakefile reads the plan through named input functions (rules/common.smk); stage scripts
+look their own variant up again (`Plan.job_variant`), which is how execution settings reach a
+job without being Snakemake params (a param change re-runs a job).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+import jsonschema
+
+from .config import binarize_settings, dataset_hash, load_schema, settings_hash, uses_sam
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A feature kind: the stages its extractors go through, in order, and how they pool pages."""
+    stages: tuple[str, ...]
+    local: str | None        # suffix of the local descriptors VLAD encodes (None: no VLAD)
+    pooled: tuple[str, str] | None  # suffixes of the per-shard "sum" vectors and of their doc_id table
+    one_row_per_page: bool   # pooled vectors are page vectors already (else window rows summed per page)
+
+
+KINDS = {
+    "sift": Kind(("features", "codebook", "vlad"), local="desc.npy", pooled=None, one_row_per_page=True),
+    "vit": Kind(("pretrain", "embed", "codebook", "vlad"), local="tokens.npy", pooled=("cls.npy", "parquet"),
+                one_row_per_page=False),
+    "saghog": Kind(("patches", "cluster", "pretrain", "finetune", "embed_patches"), local=None,
+                   pooled=("pooled.npy", "pooled.parquet"), one_row_per_page=True),
+}
+# The folder under results/<dataset>/ each stage writes to (the three extractor stages share features/).
+STAGE_DIRS = {"segment": "segment", "binarize": "binarize", "features": "features", "embed": "features",
+              "embed_patches": "features", "patches": "patches", "cluster": "cluster", "pretrain": "pretrain",
+              "finetune": "finetune", "codebook": "codebook", "vlad": "vlad", "descriptors": "descriptors",
+              "rerank": "rerank", "experiment": "experiments"}
+FEATURE_STAGES = ("features", "embed", "embed_patches")
+
+
+def _frozen(obj):
+    if isinstance(obj, dict):
+        return MappingProxyType({k: _frozen(v) for k, v in obj.items()})
+    if isinstance(obj, list):
+        return tuple(_frozen(v) for v in obj)
+    return obj
+
+
+def plain(obj):
+    """A variant's settings as plain JSON-able dicts and lists (for params and settings.json)."""
+    if isinstance(obj, Mapping):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
+
+
+@dataclass(frozen=True)
+class Variant:
+    stage: str
+    dataset: str
+    name: str                      # readable part of the folder (extractor, method, ...)
+    result: Mapping                # hashed
+    execution: Mapping = field(default_factory=dict)   # not hashed
+    inputs: Mapping = field(default_factory=dict)      # role -> upstream folder (hashed)
+    labels: Mapping = field(default_factory=dict)      # descriptive facts (extractor, kind, ...), not hashed
+
+    def __post_init__(self):
+        for name in ("result", "execution", "inputs", "labels"):
+            object.__setattr__(self, name, _frozen(plain(getattr(self, name))))
+
+    @property
+    def hash(self) -> str:
+        return settings_hash(self.stage, plain(self.result), plain(self.inputs))
+
+    @property
+    def folder(self) -> str:
+        return f"{self.name}-{self.hash}"
+
+    def path(self, results: str, *parts: str) -> str:
+        return "/".join([results, self.dataset, STAGE_DIRS[self.stage], self.folder, *parts])
+
+    def record(self, **run) -> dict:
+        """What settings.json holds: both kinds of settings, the inputs, and the facts of the run."""
+        return {"stage": self.stage, "folder": self.folder, "result": plain(self.result),
+                "execution": plain(self.execution), "inputs": plain(self.inputs), "labels": plain(self.labels),
+                "run": run}
+
+
+# --------------------------------------------------------------------------------------------
+# Result / execution split, from the schema's x-execution marks
+# --------------------------------------------------------------------------------------------
+
+def _applicable(node: dict, instance, defs: dict):
+    """The schema nodes that apply to `instance`: $ref followed, allOf entries, if/then branches taken."""
+    if "$ref" in node:
+        node = {**defs[node["$ref"].rsplit("/", 1)[-1]], **{k: v for k, v in node.items() if k != "$ref"}}
+    yield node
+    for sub in node.get("allOf", []):
+        if "if" in sub:
+            if jsonschema.Draft202012Validator(sub["if"]).is_valid(instance):
+                yield from _applicable(sub.get("then", {}), instance, defs)
+        else:
+            yield from _applicable(sub, instance, defs)
+
+
+def execution_paths(config: dict, schema: dict | None = None) -> frozenset[tuple[str, ...]]:
+    """Key paths of the config that the schema marks `x-execution: true`."""
+    schema = schema or load_schema()
+    defs = schema.get("$defs", {})
+    found = set()
+
+    def walk(node, instance, path):
+        for sub in _applicable(node, instance, defs):
+            if sub.get("x-execution"):
+                found.add(path)
+            if not isinstance(instance, dict):
+                continue
+            props, extra = sub.get("properties", {}), sub.get("additionalProperties")
+            for key, value in instance.items():
+                child = props.get(key, extra if isinstance(extra, dict) else None)
+                if child is not None:
+                    walk(child, value, (*path, key))
+
+    walk(schema, config, ())
+    return frozenset(found)
+
+
+class Plan:
+    """Every stage variant of a validated config, built once; looked up by stage, dataset and folder."""
+
+    def __init__(self, config: dict, schema: dict | None = None):
+        self.config = config
+        self._execution = execution_paths(config, schema)
+        self._variants: dict[tuple[str, str, str], Variant] = {}
+        self._of_feature: dict[tuple[str, str, str], Variant] = {}
+        self.experiments: list[Variant] = []
+        for dataset in config["datasets"]:
+            for variant in self._binarize_variants(dataset):
+                self._add(variant)
+            if uses_sam(config):
+                self._add(self._segment(dataset))
+            for features in config["features"]:
+                self._add_feature(dataset, features)
+        self._add_experiments()
+
+    # Lookups ---------------------------------------------------------------------------------
+
+    def variant(self, stage: str, dataset: str, folder: str) -> Variant:
+        try:
+            return self._variants[(stage, dataset, folder)]
+        except KeyError:
+            raise KeyError(f"no {stage} variant {folder!r} of dataset {dataset!r} in the plan") from None
+
+    def variants(self, stage: str, dataset: str | None = None) -> list[Variant]:
+        return [v for (s, d, _), v in self._variants.items() if s == stage and dataset in (None, d)]
+
+    def of_feature(self, stage: str, dataset: str, features: str, aggregation: str | None = None) -> Variant | None:
+        """The `stage` variant extractor `features` uses on `dataset` (None: its kind skips the stage);
+        descriptors are per aggregation."""
+        user = f"{features}:{aggregation}" if aggregation else features
+        return self._of_feature.get((stage, dataset, user))
+
+    def folders(self, stage: str) -> str:
+        """Regex alternatives of the stage's folders (wildcard constraint of the rules that write them)."""
+        names = sorted({v.folder for v in self.variants(stage)})
+        return "|".join(map(re.escape, names)) or "(?!)"
+
+    def main_binarize(self, dataset: str) -> Variant:
+        """The binarization every later stage uses (preprocess.method)."""
+        return self.variants("binarize", dataset)[0]
+
+    def segment(self, dataset: str) -> Variant | None:
+        found = self.variants("segment", dataset)
+        return found[0] if found else None
+
+    def job_variant(self, stage: str, wildcards) -> Variant:
+        return self.variant(stage, wildcards["dataset"], wildcards["folder"])
+
+    # Splitting settings ---------------------------------------------------------------------
+
+    def split(self, *path: str) -> tuple[dict, dict]:
+        """(result, execution) parts of the config block at `path` (nested blocks split alike)."""
+        block = self.config
+        for key in path:
+            block = block[key]
+        return self._split(block, tuple(path))
+
+    def _split(self, block: dict, path: tuple) -> tuple[dict, dict]:
+        result, execution = {}, {}
+        for key, value in block.items():
+            where = (*path, key)
+            if where in self._execution:
+                execution[key] = value
+            elif isinstance(value, dict) and any(p[:len(where)] == where for p in self._execution):
+                result[key], execution[key] = self._split(value, where)
+            else:
+                result[key] = value
+        return result, execution
+
+    # Building --------------------------------------------------------------------------------
+
+    def _add(self, variant: Variant, user: str | None = None) -> Variant:
+        """Add a variant once (extractors with equal settings share it); `user` names who uses it."""
+        key = (variant.stage, variant.dataset, variant.folder)
+        self._variants.setdefault(key, variant)
+        if user is not None:
+            self._of_feature[(variant.stage, variant.dataset, user)] = self._variants[key]
+        return self._variants[key]
+
+    def _binarize_variants(self, dataset: str) -> list[Variant]:
+        pre = self.config["preprocess"]
+        found = []
+        for method in [pre["method"], *[m for m in pre["compare"] if m != pre["method"]]]:
+            inputs = {"dataset": dataset_hash(self.config, dataset)}
+            if method.startswith("sam"):
+                inputs["segment"] = self._segment(dataset).folder
+            found.append(Variant("binarize", dataset, method, binarize_settings(pre, method), inputs=inputs))
+        return found
+
+    def _segment(self, dataset: str) -> Variant:
+        result, execution = self.split("preprocess", "sam")
+        return Variant("segment", dataset, "sam", result, execution,
+                       inputs={"dataset": dataset_hash(self.config, dataset)})
+
+    def _add_feature(self, dataset: str, features: str) -> None:
+        kind = self.config["features"][features]["kind"]
+        built = {"binarize": self.main_binarize(dataset)}
+        for stage in KINDS[kind].stages:
+            variant = getattr(self, f"_{stage}")(dataset, features, built)
+            if variant is not None:
+                built[stage] = self._add(variant, features)
+        for aggregation in self.config["features"][features]["aggregations"]:
+            self._add(self._descriptors(dataset, features, aggregation, built), f"{features}:{aggregation}")
+
+    def _feature_variant(self, stage, dataset, features, result, execution, inputs) -> Variant:
+        kind = self.config["features"][features]["kind"]
+        return Variant(stage, dataset, features, result, execution, inputs,
+                       labels={"features": features, "kind": kind})
+
+    def _features(self, dataset, features, built) -> Variant:
+        result, execution = self.split("features", features)
+        # How pages are pooled later does not change the descriptors; the kind is the stage itself.
+        del result["aggregations"], result["kind"]
+        return self._feature_variant("features", dataset, features, result, execution,
+                                     {"binarize": built["binarize"].folder})
+
+    def _pretrain(self, dataset, features, built) -> Variant | None:
+        feat = self.config["features"][features]
+        if feat["pretrain"]["method"] == "none":
+            return None
+        result, execution = self.split("features", features, "pretrain")
+        # The effective batch decides the optimisation; how it is spread over GPUs does not.
+        result["effective_batch_size"] = execution["batch_size"] * feat["gpus"]
+        execution.update(device=feat["device"], gpus=feat["gpus"])
+        result.update(model=feat["model"], seed=feat["seed"])
+        if feat["kind"] == "saghog":
+            inputs = {"patches": built["patches"].folder}
+        else:
+            inputs = {"binarize": built["binarize"].folder}
+            if uses_sam(self.config):  # SAM's writing-amount filter chooses the training pages
+                inputs["segment"] = self.segment(dataset).folder
+        return Variant("pretrain", dataset, feat["pretrain"]["method"], result, execution, inputs)
+
+    def _embed(self, dataset, features, built) -> Variant:
+        feat = self.config["features"][features]
+        embed, embed_execution = self.split("features", features, "embed")
+        inputs = {"binarize": built["binarize"].folder}
+        if "pretrain" in built:
+            inputs["pretrain"] = built["pretrain"].folder
+        return self._feature_variant("embed", dataset, features, {**embed, "model": feat["model"], "seed": feat["seed"]},
+                                     {**embed_execution, "device": feat["device"]}, inputs)
+
+    def _patches(self, dataset, features, built) -> Variant:
+        return Variant("patches", dataset, "patches", self.config["features"][features]["patches"],
+                       inputs={"binarize": built["binarize"].folder})
+
+    def _cluster(self, dataset, features, built) -> Variant:
+        return Variant("cluster", dataset, "cluster", self.config["features"][features]["cluster"],
+                       inputs={"patches": built["patches"].folder})
+
+    def _finetune(self, dataset, features, built) -> Variant | None:
+        feat = self.config["features"][features]
+        if feat["finetune"]["method"] == "none":
+            return None
+        result, execution = self.split("features", features, "finetune")
+        result.update(model=feat["model"], seed=feat["seed"])
+        execution["device"] = feat["device"]
+        return Variant("finetune", dataset, feat["finetune"]["method"], result, execution,
+                       inputs={"pretrain": built["pretrain"].folder, "cluster": built["cluster"].folder,
+                               "patches": built["patches"].folder})
+
+    def _embed_patches(self, dataset, features, built) -> Variant:
+        feat = self.config["features"][features]
+        embed, embed_execution = self.split("features", features, "embed")
+        inputs = {"patches": built["patches"].folder, "pretrain": built["pretrain"].folder}
+        if "finetune" in built:  # the fine-tuned model's settings are in its folder's hash
+            inputs["finetune"] = built["finetune"].folder
+        return self._feature_variant("embed_patches", dataset, features, {**embed, "model": feat["model"]},
+                                     {**embed_execution, "device": feat["device"]}, inputs)
+
+    def _codebook(self, dataset, features, built) -> Variant | None:
+        if "vlad" not in self.config["features"][features]["aggregations"]:
+            return None
+        result, _ = self.split("aggregation")
+        keys = ("codebook_size", "codebook_sample", "kmeans_iterations", "seed")
+        return self._feature_variant("codebook", dataset, features, {k: result[k] for k in keys}, {},
+                                     {"features": feature_folder(built)})
+
+    def _vlad(self, dataset, features, built) -> Variant | None:
+        if "codebook" not in built:
+            return None
+        result, execution = self.split("aggregation")
+        return self._feature_variant("vlad", dataset, features, {k: result[k] for k in ("intra_norm", "power")},
+                                     {"chunk_size": execution["chunk_size"]},
+                                     {"codebook": built["codebook"].folder, "features": feature_folder(built)})
+
+    def _descriptors(self, dataset, features, aggregation, built) -> Variant:
+        result, _ = self.split("aggregation")
+        inputs = {"vlad": built["vlad"].folder} if aggregation == "vlad" else {"features": feature_folder(built)}
+        return Variant("descriptors", dataset, f"{features}-{aggregation}",
+                       {k: result[k] for k in ("pca_dims", "pca_fit_on", "seed")}, inputs=inputs,
+                       labels={"features": features, "aggregation": aggregation,
+                               "kind": self.config["features"][features]["kind"]})
+
+    def _add_experiments(self) -> None:
+        for exp in self.config["experiments"]:
+            for features in exp["features"]:
+                for aggregation in self.config["features"][features]["aggregations"]:
+                    for rerank in exp["rerank"]:
+                        self._add_experiment(exp, features, aggregation, rerank)
+
+    def _add_experiment(self, exp: dict, features: str, aggregation: str, rerank: str) -> None:
+        dataset = exp["dataset"]
+        descriptors = self.of_feature("descriptors", dataset, features, aggregation)
+        labels = {"features": features, "aggregation": aggregation, "rerank": rerank,
+                  "kind": self.config["features"][features]["kind"]}
+        inputs = {"descriptors": descriptors.folder}
+        if rerank != "none":
+            reranked = self._add(Variant("rerank", dataset, f"{features}-{aggregation}-{rerank}",
+                                         self.config["rerank"][rerank], inputs=inputs, labels=labels))
+            inputs = {**inputs, "rerank": reranked.folder}
+        variant = Variant("experiment", dataset, f"{features}-{aggregation}-{rerank}",
+                          {"exclude_same": exp["exclude_same"], "top_k": self.config["retrieval"]["top_k"]},
+                          inputs=inputs, labels=labels)
+        if (variant.stage, dataset, variant.folder) not in self._variants:
+            self.experiments.append(self._add(variant))
+
+    def path_of(self, experiment: Variant) -> list[Variant]:
+        """Every variant on an experiment's path, each after its inputs (for provenance and code versions)."""
+        found: list[Variant] = []
+
+        def visit(variant: Variant) -> None:
+            for role, folder in variant.inputs.items():
+                stage = _input_stage(role, variant, self)
+                if stage is not None:
+                    visit(self.variant(stage, variant.dataset, folder))
+            if variant not in found:
+                found.append(variant)
+
+        visit(experiment)
+        return found
+
+
+def feature_folder(built: dict) -> str:
+    """The folder of the extractor's page features, whichever stage of its kind wrote it."""
+    return next(built[s].folder for s in FEATURE_STAGES if s in built)
+
+
+def _input_stage(role: str, variant: Variant, plan: Plan) -> str | None:
+    if role == "dataset":
+        return None
+    if role == "features":
+        return next(s for s in FEATURE_STAGES
+                    if (s, variant.dataset, variant.inputs["features"]) in plan._variants)
+    return role
