@@ -32,6 +32,7 @@ def write_pages(root: Path, n: int, writers: int) -> None:
         page = np.full((64, 64), 255, np.uint8)
         x0, y0 = rng.integers(5, 30, size=2)
         cv2.line(page, (int(x0), int(y0)), (int(x0) + 25, int(y0) + 20), 0, 3)
+        page[-1, :20] = [0 if i >> bit & 1 else 255 for bit in range(20)]  # distinct bytes: no duplicate pages
         cv2.imwrite(str(path), page)
 
 
