@@ -5,6 +5,7 @@ import pandas as pd
 
 from writer_retrieval.logs import stage_logging
 from writer_retrieval.report import bar_chart, collect_benchmark, loss_curves, write_report
+from writer_retrieval.training_health import health_table
 
 if __name__ == "__main__":
     sm = snakemake
@@ -20,6 +21,9 @@ if __name__ == "__main__":
                 index=False, border=0, float_format=lambda v: f"{v:.4f}")
         runs = {"/".join(p.split("/")[-4:-1:2]): p for p in sm.input.training}  # "<dataset>/<run>"
         loss_curves(runs, sm.output.losses)
+        if runs:
+            extra["Training health (last epoch; flags name runs that look collapsed or at chance)"] = health_table(
+                runs).to_html(index=False, border=0, float_format=lambda v: f"{v:.4f}")
         figures = {}
         for png, summary_path in zip(sm.input.clusters, sm.input.cluster_summaries):
             summary = json.loads(open(summary_path).read())

@@ -31,7 +31,7 @@ COVERED = {
     "pca": {"storage.py", "pca.py", "normalise.py"},
     "rerank": {"errors.py", "storage.py", "rerank.py", "lowrank.py", "pca.py", "normalise.py"},
     "retrieval": {"storage.py", "retrieval.py", "lowrank.py", "pca.py", "normalise.py"},
-    "report": BASE | {"report.py"},
+    "report": BASE | {"report.py", "training_health.py"},
 }
 PLUMBING = {"config.py", "plan.py", "jobs.py", "provenance.py", "logs.py"}
 

@@ -144,6 +144,7 @@ def test_pretrain_pretext_writes_a_loadable_backbone_and_resumes(pages, tmp_path
     assert full["epochs"] == 2 and set(full) >= {"loss", "accuracy"}
     log = pd.read_parquet(tmp_path / "A" / "log.parquet")
     assert list(log.columns[:3]) == ["epoch", "loss", "accuracy"] and len(log) == 2
+    assert log.chance.tolist() == [1 / 24] * 2  # jigsaw on 2 x 2 tiles: 24 permutations
     stopped = pretrain(pages, s, tmp_path / "B", device="cpu", progress=False, stop_after_epochs=1)
     assert stopped["stopped"]
     pretrain(pages, s, tmp_path / "B", device="cpu", progress=False)

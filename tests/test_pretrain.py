@@ -292,3 +292,34 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             P.resolve_device("cuda")
+
+
+# -- 9. health signals -------------------------------------------------------------------------
+
+def test_health_signals_are_logged_and_bounded(pages, tmp_path):
+    import math
+
+    s = settings(epochs=2, max_windows=8)
+    P.pretrain(pages, s, tmp_path / "run", device="cpu", progress=False)
+    log = pd.read_parquet(tmp_path / "run" / "log.parquet")
+    assert np.allclose(log.uniform_entropy_cls, math.log(s["out_dim"]))
+    assert ((0 <= log.teacher_entropy_cls) & (log.teacher_entropy_cls <= log.uniform_entropy_cls + 1e-5)).all()
+    assert ((0 <= log.student_entropy_patch) & (log.student_entropy_patch <= log.uniform_entropy_patch + 1e-5)).all()
+    assert (log.kl_cls > -1e-5).all() and (log.kl_patch > -1e-5).all()  # a KL is never negative
+    assert ((0 < log.masked_share) & (log.masked_share < 1)).all() and (log.feature_std > 0).all()
+    assert (log.center_norm > 0).all() and np.allclose(log.spread_feature_std, 32 ** -0.5)
+
+
+def test_a_uniform_teacher_has_the_entropy_of_ln_out_dim():
+    import math
+
+    trainer = P.AttMaskTrainer(settings(), torch.device("cpu"), niter_per_epoch=1)
+    trainer.teacher.last_global_cls = torch.randn(4, 32)
+    out, pout = trainer.s["out_dim"], trainer.s["patch_out_dim"]
+    mask = torch.zeros(4, 16, dtype=torch.bool)
+    mask[:, :3] = True
+    signals = trainer.health(torch.zeros(8, out), torch.zeros(12, pout), torch.zeros(4, out), torch.zeros(4, 16, pout),
+                             mask, it=0)
+    assert signals["teacher_entropy_cls"] == pytest.approx(math.log(out), abs=1e-5)
+    assert signals["student_entropy_patch"] == pytest.approx(math.log(pout), abs=1e-5)
+    assert signals["kl_patch"] == pytest.approx(0, abs=1e-6) and signals["masked_share"] == pytest.approx(3 / 16)

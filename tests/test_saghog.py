@@ -208,6 +208,7 @@ def test_pretrain_resume_gives_the_same_encoder(shards, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     la, lb = pd.read_parquet(tmp_path / "A" / "log.parquet"), pd.read_parquet(tmp_path / "B" / "log.parquet")
     assert la.epoch.tolist() == [1, 2] and {"loss", "lr", "weight_decay", "images_per_second"} <= set(la.columns)
+    assert (la.loss_mean_hog > 0).all()  # the mean-HOG baseline the loss is judged against
     np.testing.assert_array_equal(la.loss.to_numpy(), lb.loss.to_numpy())
     # load_encoder round trip: same weights, eval mode, [CLS] first
     enc = S.load_encoder(tmp_path / "A" / "backbone.pt", s["model"], "cpu")

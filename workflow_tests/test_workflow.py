@@ -340,7 +340,7 @@ def test_saghog_and_pretext_features_end_to_end(ssl_run):
         (log,) = res.glob(f"pretrain/{method}-*/log.parquet")
         assert list(pd.read_parquet(log).columns[:3]) == ["epoch", "loss", "accuracy"]
     html = (ssl_run / "results" / "report.html").read_text()
-    assert "patch clusters" in html and html.count("data:image/png") >= 3
+    assert "patch clusters" in html and "Training health" in html and html.count("data:image/png") >= 3
 
 
 # --------------------------------------------------------------------------------------------

@@ -66,11 +66,20 @@ def loss_curves(logs: dict[str, str], path) -> None:
         for part in ("loss_cls", "loss_patch"):
             if part in table:
                 ax.plot(table.epoch, table[part], ls="--", lw=1, label=part[5:])
-        if "accuracy" in table:  # pretext tasks: share of transformations recognised
+        if "loss_mean_hog" in table:  # SAGHOG: what predicting the batch's mean HOG scores
+            ax.plot(table.epoch, table.loss_mean_hog, ls=":", color="gray", label="mean-HOG baseline")
+        if "accuracy" in table:  # pretext tasks: share of transformations recognised, against chance
             twin = ax.twinx()
             twin.plot(table.epoch, table.accuracy, color="tab:green", lw=1, label="accuracy")
+            twin.plot(table.epoch, table.chance, color="tab:green", ls=":", lw=1)
             twin.set_ylim(0, 1)
-            twin.set_ylabel("accuracy", fontsize=8, color="tab:green")
+            twin.set_ylabel("accuracy (dotted: chance)", fontsize=8, color="tab:green")
+        if "teacher_entropy_cls" in table:  # AttMask: a teacher near uniform has nothing to teach
+            twin = ax.twinx()
+            twin.plot(table.epoch, table.teacher_entropy_cls, color="tab:purple", lw=1)
+            twin.plot(table.epoch, table.uniform_entropy_cls, color="tab:purple", ls=":", lw=1)
+            twin.set_ylim(0, 1.05 * float(table.uniform_entropy_cls.max()))
+            twin.set_ylabel("teacher [CLS] entropy (dotted: uniform)", fontsize=8, color="tab:purple")
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.legend(fontsize=7, loc="upper right")

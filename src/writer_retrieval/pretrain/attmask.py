@@ -189,6 +189,7 @@ class MultiCropNet(nn.Module):
     def forward(self, globals_, locals_=None, mask=None, with_attention: bool = False):
         (tokens,), attention = _forward(self.backbone, globals_, mask=mask, with_attention=with_attention)
         cls_tokens = tokens[:, 0]
+        self.last_global_cls = cls_tokens.detach()  # backbone features of the globals (health signals)
         patches = tokens[:, 1:]
         if mask is not None:
             patches = patches[mask.reshape(patches.shape[:2])]
@@ -331,8 +332,38 @@ class AttMaskTrainer:
         self.center.mul_(m).add_(c / n * (1 - m))
         self.patch_center.mul_(m).add_(pc / n * (1 - m))
 
+    @torch.no_grad()
+    def health(self, s_cls, s_patch, t_cls, t_patch, mask, it: int) -> dict:
+        """Signals of a run that learns or collapses, for [CLS] and patch heads apart: output entropies
+        (uniform = ln(out_dim)), the teacher-student KL, the centres' norms, the std across the batch
+        of the L2-normalised teacher backbone [CLS] (near 0 = dimensional collapse; 1/sqrt(dim) for
+        spread-out features) and the share of masked patches."""
+        s = self.s
+        st, ptt = float(s["student_temp"]), float(s["patch_teacher_temp"])
+        tt = float(self.teacher_temp_schedule[min(it, len(self.teacher_temp_schedule) - 1)])
+
+        def entropy(logp):
+            return -(logp.exp() * logp).sum(-1).mean().item()
+
+        t_logp = F.log_softmax((t_cls.float() - self.center) / tt, dim=-1)
+        s_logp = F.log_softmax(s_cls.float() / st, dim=-1)
+        tp_logp = F.log_softmax((t_patch.float() - self.patch_center) / ptt, dim=-1)[mask]
+        sp_logp = F.log_softmax(s_patch.float() / st, dim=-1)
+        kl_patch = (tp_logp.exp() * (tp_logp - sp_logp)).sum(-1).mean().item() if len(sp_logp) else float("nan")
+        features = F.normalize(self.teacher.last_global_cls.float(), dim=-1)
+        return {"uniform_entropy_cls": math.log(t_logp.shape[-1]), "uniform_entropy_patch": math.log(sp_logp.shape[-1]),
+                "spread_feature_std": features.shape[-1] ** -0.5,
+                "teacher_entropy_cls": entropy(t_logp), "student_entropy_cls": entropy(s_logp),
+                "teacher_entropy_patch": entropy(tp_logp) if len(tp_logp) else float("nan"),
+                "student_entropy_patch": entropy(sp_logp) if len(sp_logp) else float("nan"),
+                "kl_patch": kl_patch, "center_norm": self.center.norm().item(),
+                "patch_center_norm": self.patch_center.norm().item(),
+                "feature_std": features.std(0).mean().item(), "masked_share": mask.float().mean().item()}
+
     # -- one step ---------------------------------------------------------------------------
-    loss_keys = ("loss", "loss_cls", "loss_patch")
+    loss_keys = ("loss", "loss_cls", "loss_patch", "kl_cls", "kl_patch", "teacher_entropy_cls", "student_entropy_cls",
+                 "teacher_entropy_patch", "student_entropy_patch", "center_norm", "patch_center_norm", "feature_std",
+                 "masked_share", "uniform_entropy_cls", "uniform_entropy_patch", "spread_feature_std")
     last_keys = ("lr", "weight_decay", "momentum")
 
     def train_mode(self) -> None:
@@ -360,6 +391,10 @@ class AttMaskTrainer:
             s_cls, s_patch, _ = self.student_ddp(g, loc, mask)
         loss_cls, loss_patch = self.loss(s_cls, s_patch, t_cls, t_patch, mask, V, it)
         loss = loss_cls + loss_patch
+        health = self.health(s_cls, s_patch, t_cls, t_patch, mask, it)
+        # The [CLS] loss is the cross-entropy over teacher-student view pairs: minus the teacher's
+        # entropy it is their mean KL.
+        health["kl_cls"] = loss_cls.item() - health["teacher_entropy_cls"]
 
         def freeze_last_layers():
             if epoch < int(s["freeze_last_layer"]):
@@ -370,7 +405,7 @@ class AttMaskTrainer:
         m = float(self.momentum_schedule[min(it, len(self.momentum_schedule) - 1)])
         ema_update(self.teacher, self.student, m)
         self.update_centers(t_cls, t_patch)
-        return {"loss": loss.item(), "loss_cls": loss_cls.item(), "loss_patch": loss_patch.item(),
+        return {"loss": loss.item(), "loss_cls": loss_cls.item(), "loss_patch": loss_patch.item(), **health,
                 **scheduled, "momentum": m, "n_masked": int(mask.sum().item())}
 
     # -- state ------------------------------------------------------------------------------

@@ -128,7 +128,7 @@ class PretextNet(nn.Module):
 
 
 class PretextTrainer(NetTrainer):
-    loss_keys = ("loss", "accuracy")
+    loss_keys = ("loss", "accuracy", "chance")  # chance: the accuracy of guessing (1 / classes)
 
     def __init__(self, s: dict, n_classes: int, device: torch.device, niter_per_epoch: int, world_size: int = 1,
                  ddp: bool = False):
@@ -137,6 +137,7 @@ class PretextTrainer(NetTrainer):
             torch.manual_seed(int(s["seed"]) + 1)
             net = PretextNet(backbone, n_classes)
         super().__init__(net, s, device, niter_per_epoch, world_size, ddp, scale_lr=True)
+        self.chance = 1.0 / n_classes
 
     def step(self, batch, it: int, epoch: int) -> dict:
         images, labels = (t.to(self.device, non_blocking=self.device.type == "cuda") for t in batch)
@@ -146,7 +147,7 @@ class PretextTrainer(NetTrainer):
         loss = F.cross_entropy(logits.float(), labels)
         self.opt.step(loss, it)
         accuracy = (logits.argmax(1) == labels).float().mean().item()
-        return {"loss": loss.item(), "accuracy": accuracy, **scheduled}
+        return {"loss": loss.item(), "accuracy": accuracy, "chance": self.chance, **scheduled}
 
     def export(self) -> dict:
         return self.net.backbone.state_dict()

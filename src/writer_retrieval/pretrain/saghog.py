@@ -336,7 +336,9 @@ class PatchDataset(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------------------------
 
 class SaghogTrainer(NetTrainer):
-    loss_keys = ("loss",)
+    # loss_mean_hog: the loss of predicting, at every masked position, the batch's mean HOG there;
+    # an encoder that learns nothing about the visible tokens does no better.
+    loss_keys = ("loss", "loss_mean_hog")
 
     def __init__(self, s: dict, device: torch.device, niter_per_epoch: int, world_size: int = 1, ddp: bool = False,
                  rank: int = 0):
@@ -344,20 +346,21 @@ class SaghogTrainer(NetTrainer):
         super().__init__(net, s, device, niter_per_epoch, world_size, ddp, scale_lr=False)
         self.rank = int(rank)
 
-    def loss(self, patches: torch.Tensor, it: int) -> torch.Tensor:
+    def loss(self, patches: torch.Tensor, it: int) -> tuple[torch.Tensor, float]:
         generator = mask_generator(self.s["seed"], it, self.rank)
         with self.opt.autocast():
             pred, mask = self.net_ddp(patches, float(self.s["mask_ratio"]), generator)
         target = hog_targets(patches, cell=self.net.patch_size, bins=int(self.s["hog_bins"]))
-        return masked_mse(pred, target, mask)
+        baseline = masked_mse(target.float().mean(0, keepdim=True).expand_as(target), target, mask)
+        return masked_mse(pred, target, mask), baseline.item()
 
     def step(self, batch, it: int, epoch: int) -> dict:
         patches = batch[0] if isinstance(batch, (list, tuple)) else batch
         patches = patches.to(self.device, non_blocking=self.device.type == "cuda")
         scheduled = self.opt.set_iteration(it)
-        loss = self.loss(patches, it)
+        loss, baseline = self.loss(patches, it)
         self.opt.step(loss, it)
-        return {"loss": loss.item(), **scheduled}
+        return {"loss": loss.item(), "loss_mean_hog": baseline, **scheduled}
 
     def export(self) -> dict:
         return self.net.encoder.state_dict()
