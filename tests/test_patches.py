@@ -163,14 +163,22 @@ def test_extract_shard_round_trip(collection, tmp_path, caplog):
     table, patches = load_patches(outs[0] / "patches.npy", outs[0] / "index.parquet")
     desc = np.load(outs[0] / "descriptors.npy")
     stats = pd.read_parquet(outs[0] / "stats.parquet")
-    assert list(table.columns) == ["doc_id", "x", "y"] and len(table) == len(patches) == len(desc) == 600
+    # The cap bounds train samples; the test page keeps every patch, as the published code embeds it.
+    test = int(np.flatnonzero(index.split.to_numpy()[:2] == "test")[0])
+    test_id = f"d{test + 1}"
+    uncapped = page_patches(read_mask(collection.ink_mask.iloc[test]), settings, key=test_id, cap=0)
+    assert uncapped["n_kept"] > 300 and uncapped["n_capped"] == 0
+    assert list(table.columns) == ["doc_id", "x", "y"]
+    assert len(table) == len(patches) == len(desc) == 300 + uncapped["n_kept"]
     assert patches.shape[1:] == (32, 32) and patches.dtype == np.uint8 and desc.shape[1] == 128
     assert isinstance(patches, np.memmap)
     assert list(stats.columns) == ["doc_id", "writer", "split", *COUNTS, "seconds"]
-    assert stats.n_kept.tolist() == [300, 300] and table.doc_id.value_counts().to_dict() == {"d1": 300, "d2": 300}
+    kept = dict(zip(stats.doc_id, stats.n_kept))
+    assert kept[test_id] == uncapped["n_kept"] and kept[f"d{2 - test}"] == 300
+    assert stats.set_index("doc_id").n_capped[test_id] == 0
     # Row i of the parquet is row i of the arrays: recompute one document's patches.
-    direct = page_patches(read_mask(collection.ink_mask.iloc[1]), settings, key="d2")
-    rows = np.flatnonzero(table.doc_id == "d2")
+    direct = uncapped
+    rows = np.flatnonzero(table.doc_id == test_id)
     np.testing.assert_array_equal(table[["x", "y"]].to_numpy()[rows], direct["xy"])
     np.testing.assert_array_equal(patches[rows], direct["patches"])
     np.testing.assert_array_equal(desc[rows], direct["descriptors"])
@@ -178,4 +186,4 @@ def test_extract_shard_round_trip(collection, tmp_path, caplog):
     assert len(empty_table) == 0 and empty.shape == (0, 32, 32)
     assert np.load(outs[1] / "descriptors.npy").shape == (0, 128)
     merged = merge_stats([o / "stats.parquet" for o in outs], tmp_path / "stats.parquet")
-    assert merged.doc_id.tolist() == ["d1", "d2", "d3"] and merged.n_kept.tolist() == [300, 300, 0]
+    assert merged.doc_id.tolist() == ["d1", "d2", "d3"] and merged.n_kept.iloc[2] == 0
