@@ -24,7 +24,7 @@ from writer_retrieval.config import (
     settings_hash,
     validate_config,
 )
-from writer_retrieval.plan import FEATURE_STAGES, KINDS, Plan, plain
+from writer_retrieval.plan import KINDS, Plan, plain
 
 min_version("9.0")
 

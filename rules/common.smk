@@ -25,8 +25,7 @@ def stage_path(variant, *parts):
 
 def upstream(stage, wc, role, *parts):
     """A file of the `role` input folder of this job's variant."""
-    variant = job_variant(stage, wc)
-    return stage_path(PLAN.variant(role, wc.dataset, variant.inputs[role]), *parts)
+    return stage_path(PLAN.input_of(job_variant(stage, wc), role), *parts)
 
 
 def has_ground_truth(dataset):
@@ -286,12 +285,7 @@ def get_output_dir(stage):
 
 def features_variant_of(stage, wc):
     """The page-features variant (SIFT, ViT tokens, SAGHOG vectors) a codebook, VLAD or descriptor reads."""
-    folder = job_variant(stage, wc).inputs["features"]
-    return next(
-        PLAN.variant(s, wc.dataset, folder)
-        for s in FEATURE_STAGES
-        if folder in {v.folder for v in PLAN.variants(s, wc.dataset)}
-    )
+    return PLAN.input_of(job_variant(stage, wc), "features")
 
 
 def get_local_descriptors(stage, suffix=None):

@@ -12,6 +12,7 @@ job without being Snakemake params (a param change re-runs a job).
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -77,7 +78,7 @@ class Variant:
         for name in ("result", "execution", "inputs", "labels"):
             object.__setattr__(self, name, _frozen(plain(getattr(self, name))))
 
-    @property
+    @functools.cached_property  # input functions ask for folders at every job: hash once
     def hash(self) -> str:
         return settings_hash(self.stage, plain(self.result), plain(self.inputs))
 
@@ -181,6 +182,12 @@ class Plan:
     def segment(self, dataset: str) -> Variant | None:
         found = self.variants("segment", dataset)
         return found[0] if found else None
+
+    def input_of(self, variant: Variant, role: str) -> Variant:
+        """The upstream variant a variant reads as `role` (features: whichever stage of its kind wrote them)."""
+        folder = variant.inputs[role]
+        stages = FEATURE_STAGES if role == "features" else (role,)
+        return next(self._variants[key] for s in stages if (key := (s, variant.dataset, folder)) in self._variants)
 
     def job_variant(self, stage: str, wildcards) -> Variant:
         return self.variant(stage, wildcards["dataset"], wildcards["folder"])
@@ -359,10 +366,9 @@ class Plan:
         found: list[Variant] = []
 
         def visit(variant: Variant) -> None:
-            for role, folder in variant.inputs.items():
-                stage = _input_stage(role, variant, self)
-                if stage is not None:
-                    visit(self.variant(stage, variant.dataset, folder))
+            for role in variant.inputs:
+                if role != "dataset":  # the dataset input is a hash of its settings, not a folder
+                    visit(self.input_of(variant, role))
             if variant not in found:
                 found.append(variant)
 
@@ -375,10 +381,3 @@ def feature_folder(built: dict) -> str:
     return next(built[s].folder for s in FEATURE_STAGES if s in built)
 
 
-def _input_stage(role: str, variant: Variant, plan: Plan) -> str | None:
-    if role == "dataset":
-        return None
-    if role == "features":
-        return next(s for s in FEATURE_STAGES
-                    if (s, variant.dataset, variant.inputs["features"]) in plan._variants)
-    return role

@@ -7,6 +7,8 @@ import os
 import platform
 from importlib import metadata
 
+import numpy as np
+
 PACKAGES = ("torch", "timm", "faiss-cpu", "numpy", "scikit-learn", "opencv-python-headless", "snakemake")
 
 
@@ -63,9 +65,8 @@ def path_columns(settings_paths, stages) -> dict:
     columns = {f"seconds_{s}": float("nan") for s in stages}
     devices = set()
     for record in records:
-        key = f"seconds_{record['stage']}"
-        columns[key] = (0.0 if columns[key] != columns[key] else columns[key]) + record["run"]["seconds"]
-        run = record["run"]
+        key, run = f"seconds_{record['stage']}", record["run"]
+        columns[key] = np.nansum([columns[key], run["seconds"]])  # a stage met twice on the path adds up
         devices.add(f"{run['device']} ({run['gpu']})" if run.get("gpu") else run.get("device", "cpu"))
     columns["device"] = ", ".join(sorted(devices - {"cpu"}) or ["cpu"])
     return columns
