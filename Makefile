@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test benchmark install clean
+.PHONY: demo test benchmark zoo install clean
 
 $(PY):
 	python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: $(STAMP)
 benchmark: $(STAMP)
 	@test -n "$(CONFIG)" || { echo "usage: make benchmark CONFIG=configs/benchmark-<name>.yaml"; exit 2; }
 	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/snakemake --cores all --configfile $(CONFIG)
+
+# Retrain the shipped checkpoints (zoo/) with the CPU recipes of configs/zoo.yaml and score their
+# learning curves (bench/ssl_curve.py; about 70 core-minutes of training plus scoring).
+zoo: $(STAMP)
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) bench/ssl_curve.py --threads 1
 
 test: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest

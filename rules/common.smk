@@ -361,11 +361,13 @@ def get_reranked(wc):
 
 
 def training_logs():
+    """Logs of the runs that trained (a checkpoint used as it is, method none, logs no epoch)."""
     return [
         stage_path(v, "log.parquet")
         for d in DATASETS
         for s in ("pretrain", "finetune")
         for v in PLAN.variants(s, d)
+        if v.name != "none"
     ]
 
 

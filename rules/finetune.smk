@@ -1,10 +1,12 @@
 # Stage 4c: SAGHOG fine-tuning: the pretrained patch encoder + a NetRVLAD head, trained with a
-# multi-similarity loss on the cluster pseudo labels of train patches (class-balanced batches).
+# multi-similarity loss on the cluster pseudo labels of train patches (class-balanced batches),
+# early-stopped on the mAP of held-out train writers (their writers come from the dataset index).
 # Resumes like pretraining (resume/checkpoint.pt, moved to checkpoint.pt when done).
 
 
 rule finetune:
     input:
+        index=f"{RESULTS}/{{dataset}}/index.parquet",
         backbone=get_backbone("finetune"),
         labels=get_cluster_labels,
         patches=get_patch_shards("finetune", "patches.npy"),

@@ -11,6 +11,6 @@ if __name__ == "__main__":
         settings = job.settings
         outputs = [sm.output.model, sm.output.log, sm.output.checkpoint]
         with resumable_run(sm.params.out_dir, outputs) as scratch:
-            finetune([list(p) for p in zip(sm.input.patches, sm.input.shard_index)], sm.input.labels,
+            finetune([list(p) for p in zip(sm.input.patches, sm.input.shard_index)], sm.input.labels, sm.input.index,
                      sm.input.backbone[0], settings["model"], settings, scratch,
                      device=settings["device"])

@@ -30,7 +30,8 @@ if __name__ == "__main__":
     torch.set_num_threads(sm.threads)
     with stage_job(sm, "pretrain") as job:
         settings, device, gpus = job.settings, job.settings["device"], job.settings["gpus"]
-        inputs = training_inputs(sm, job.log)
+        # method none (init used as it is) reads no training data
+        inputs = training_inputs(sm, job.log) if settings["method"] != "none" else {}
         write_json({"inputs": inputs, "settings": settings, "device": device}, sm.output.inputs)
         outputs = [sm.output.backbone, sm.output.log, sm.output.checkpoint]
         with resumable_run(sm.params.out_dir, outputs) as scratch:

@@ -210,8 +210,9 @@ def _imported_modules(tree: ast.AST, package: str, current: str) -> set[str]:
 PLUMBING = frozenset({"writer_retrieval.config", "writer_retrieval.plan", "writer_retrieval.jobs",
                       "writer_retrieval.provenance", "writer_retrieval.logs"})
 # The pretraining methods' own modules: a run's code version covers only the method it trains.
+# none (a checkpoint used as it is) builds a ViT or, for SAGHOG, the encoder of saghog.py.
 PRETRAIN_MODULES = {"attmask": "attmask", "flip": "pretext", "rotation": "pretext", "jigsaw": "pretext",
-                    "sorting": "pretext", "saghog": "saghog"}
+                    "sorting": "pretext", "saghog": "saghog", "none": "saghog"}
 
 
 def code_version(script: str, workflow_dir, skip: frozenset = frozenset()) -> str:

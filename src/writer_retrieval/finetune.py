@@ -1,14 +1,24 @@
 """Fine-tuning stage (SAGHOG line): the pretrained SAGHOG encoder + NetRVLAD, trained with a
-multi-similarity loss on the cluster stage's pseudo labels.
+multi-similarity loss on the cluster stage's pseudo labels and early-stopped on the retrieval mAP
+of held-out train writers.
 
-- `NetRVLAD` (Miech et al.): soft assignment a_ik = softmax_k(w_k . x_i + b_k) of the patch
-  tokens x_i, V_k = sum_i a_ik x_i (no centroid subtraction), L2 per cluster ("intra
-  normalisation"), flattened, global L2 -> one [K * D] vector per patch. Computed in float32.
+- `NetRVLAD`: soft assignment a_ik = softmax_k(w_k . x_i + b_k) of a patch's vectors x_i,
+  V_k = sum_i a_ik (x_i - c_k) (residuals to centroids c_k) or sum_i a_ik x_i (none), optionally
+  L2 per cluster ("intra normalisation"), flattened, global L2 -> one [K * D] vector per patch,
+  computed in float32. `POOLINGS` names the two designs: cls_residual (Peer et al. 2024 and their
+  code): the encoder's output [CLS] of the patch, residuals to centroids initialised by k-means on
+  [CLS] vectors of train patches, no intra-normalisation; tokens (this project's first design):
+  the patch's 64 patch tokens, no residuals, intra-normalised.
 - `multi_similarity_loss` (Wang et al., CVPR 2019) with its pair mining.
-- `m_per_class_batches`: class-balanced batches, m patches of each of `classes_per_batch`
-  clusters.
-- `finetune`: the stage (train-split patches with a cluster label != -1 only) -> model.pt
-  ({"encoder": state_dict, "netrvlad": state_dict}) and log.parquet.
+- `m_per_class_batches`: class-balanced batches, m patches of each of `classes_per_batch` clusters.
+- `layer_decay_groups`: AdamW groups whose lr is scaled by layer_decay^(depth + 1 - layer), layer 0
+  = the embeddings, b + 1 = block b, depth + 1 = the final norm and NetRVLAD (full lr).
+- `erode_dilate`: 3x3 erosion / dilation of the training patches, each with its probability.
+- `Validation` / `EarlyStopping`: page descriptors of the held-out writers' pages as embed_patches
+  makes them, mAP by writer after every epoch; the best epoch's weights are exported, and training
+  ends after `patience` epochs without a better one.
+- `finetune`: the stage -> model.pt ({"encoder", "netrvlad": state_dicts, "pooling": name}) and
+  log.parquet.
 - `patch_encoder`: a callable patches -> vectors for the embedding stage ([CLS] of the
   pretrained encoder, or the NetRVLAD vector of the fine-tuned network).
 """
@@ -16,6 +26,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import os
 
 import numpy as np
 import pandas as pd
@@ -25,16 +37,29 @@ import torch.nn.functional as F
 
 from .devices import resolve_device
 from .errors import InputError
-from .pretrain.loop import NetTrainer, train
-from .pretrain.saghog import PatchDataset, build_encoder, load_encoder, model_with_defaults
+from .normalise import power_l2
+from .pretrain.loop import LOG_TABLE, NetTrainer, _param_groups, all_reduce_mean, train
+from .pretrain.saghog import PatchDataset, build_encoder, load_encoder, mask_generator, model_with_defaults
+from .retrieval import evaluate
+from .storage import write_parquet
+from .vlad import fit_codebook
 
 log = logging.getLogger("writer_retrieval")
 
 MODEL_FILE = "model.pt"
-DEFAULTS = {"method": "netrvlad", "epochs": 5, "lr": 1e-4, "min_lr": 1e-6, "warmup_epochs": 0, "weight_decay": 0.05,
-            "weight_decay_end": 0.05, "clip_grad": 0.0, "clusters": 100, "m_per_class": 4, "classes_per_batch": 32,
-            "max_patches": 0, "alpha": 2.0, "beta": 50.0, "base": 0.5, "margin": 0.1, "seed": 0, "num_workers": 0,
-            "amp": "bf16", "checkpoint_every": 1}
+# The published design's values (Peer et al. 2024, their fine-tuning config): lr 1e-3 -> 1e-5 after
+# 5 warm-up epochs, layer decay 0.25, weight decay 0.01, clipping at 1, batches of 64 x 16 patches,
+# MS loss 2 / 40 / 0.2 with mining margin 0.1, 10 % of the train writers for validation, patience 10.
+DEFAULTS = {"method": "netrvlad", "pooling": "cls_residual", "epochs": 30, "lr": 1e-3, "min_lr": 1e-5,
+            "warmup_epochs": 5, "weight_decay": 0.01, "weight_decay_end": 0.01, "clip_grad": 1.0,
+            "layer_decay": 0.25, "clusters": 100, "m_per_class": 16, "classes_per_batch": 64, "max_patches": 0,
+            "alpha": 2.0, "beta": 40.0, "base": 0.2, "margin": 0.1, "erode_p": 0.5, "dilate_p": 0.5,
+            "validation_writers": 0.1, "patience": 10, "seed": 0, "num_workers": 0, "amp": "bf16",
+            "checkpoint_every": 1}
+POOLINGS = {"cls_residual": {"residual": True, "intra_norm": False},
+            "tokens": {"residual": False, "intra_norm": True}}
+# k-means of the NetRVLAD centroids: on at most this many train patches (as the published code).
+KMEANS_SAMPLE, KMEANS_ITERATIONS = 200_000, 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,19 +67,24 @@ DEFAULTS = {"method": "netrvlad", "epochs": 5, "lr": 1e-4, "min_lr": 1e-6, "warm
 # --------------------------------------------------------------------------------------------
 
 class NetRVLAD(nn.Module):
-    """tokens [B, N, D] -> [B, clusters * D], intra-normalised per cluster, then L2-normalised."""
+    """vectors [B, N, D] -> [B, clusters * D] (see the module docstring); `centroids` [K, D] only
+    with residuals."""
 
-    def __init__(self, dim: int, clusters: int = 100):
+    def __init__(self, dim: int, clusters: int = 100, residual: bool = True, intra_norm: bool = False):
         super().__init__()
-        self.dim, self.clusters = int(dim), int(clusters)
+        self.dim, self.clusters, self.intra_norm = int(dim), int(clusters), bool(intra_norm)
         self.assign = nn.Linear(self.dim, self.clusters)
+        self.centroids = nn.Parameter(torch.zeros(self.clusters, self.dim)) if residual else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
             a = torch.softmax(F.linear(x, self.assign.weight.float(), self.assign.bias.float()), dim=-1)  # [B, N, K]
             v = torch.einsum("bnk,bnd->bkd", a, x)
-            v = F.normalize(v, dim=-1)
+            if self.centroids is not None:  # sum_i a_ik (x_i - c_k) = sum_i a_ik x_i - (sum_i a_ik) c_k
+                v = v - a.sum(dim=1)[:, :, None] * self.centroids.float()[None]
+            if self.intra_norm:
+                v = F.normalize(v, dim=-1)
             return F.normalize(v.reshape(len(v), -1), dim=-1)
 
 
@@ -81,8 +111,8 @@ def _multi_similarity(embeddings, labels, alpha, beta, base, margin):
     return loss, float(valid.float().mean()) if n else 0.0
 
 
-def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = 2.0, beta: float = 50.0,
-                          base: float = 0.5, margin: float = 0.1) -> torch.Tensor:
+def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = 2.0, beta: float = 40.0,
+                          base: float = 0.2, margin: float = 0.1) -> torch.Tensor:
     """Multi-similarity loss with its pair mining, mean over all anchors of the batch.
 
     S = cosine similarities. For anchor i, positives P_i (same label, j != i), negatives N_i.
@@ -152,32 +182,180 @@ def m_per_class_batches(labels, m: int, classes_per_batch: int, cap: int, seed: 
 
 
 # --------------------------------------------------------------------------------------------
-# Network, trainer, stage
+# Network, layer-wise lr decay, augmentation
 # --------------------------------------------------------------------------------------------
 
 class FinetuneNet(nn.Module):
-    """SAGHOG encoder -> its patch tokens (not [CLS]) -> NetRVLAD: one vector per patch."""
+    """SAGHOG encoder -> its output [CLS] (cls_residual) or its patch tokens (tokens) -> NetRVLAD:
+    one vector per patch."""
 
-    def __init__(self, encoder: nn.Module, clusters: int = 100):
+    def __init__(self, encoder: nn.Module, clusters: int = 100, pooling: str = "cls_residual"):
         super().__init__()
-        self.encoder = encoder
-        self.netrvlad = NetRVLAD(encoder.embed_dim, clusters)
+        self.encoder, self.pooling = encoder, pooling
+        self.netrvlad = NetRVLAD(encoder.embed_dim, clusters, **POOLINGS[pooling])
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         tokens = self.encoder.forward_features(patches)
+        if self.pooling == "cls_residual":
+            return self.netrvlad(tokens[:, :1])
         return self.netrvlad(tokens[:, int(getattr(self.encoder, "num_prefix_tokens", 1)):])
 
 
+def _layer_of(name: str, depth: int) -> int:
+    """0 = the embeddings, b + 1 = encoder block b, depth + 1 = everything after the blocks."""
+    parts = name.split(".")
+    if parts[0] == "encoder" and parts[1] == "blocks":
+        return int(parts[2]) + 1
+    if parts[0] == "encoder" and parts[1] in ("cls_token", "reg_token", "pos_embed", "patch_embed"):
+        return 0
+    return depth + 1
+
+
+def layer_decay_groups(net: FinetuneNet, layer_decay: float) -> list[dict]:
+    """AdamW parameter groups, one per (layer, weight decay or not), each with `lr_scale` =
+    layer_decay^(depth + 1 - layer) and `wd_scale` 1 or 0 (norms, biases, tokens: no decay)."""
+    depth = len(net.encoder.blocks)
+    layer = {id(p): _layer_of(name, depth) for name, p in net.named_parameters()}
+    groups: dict[tuple[int, float], dict] = {}
+    for part in _param_groups(net):  # the decay / no-decay split every trainer uses
+        wd_scale = 0.0 if part.get("weight_decay") == 0.0 else 1.0
+        for p in part["params"]:
+            key = (layer[id(p)], wd_scale)
+            groups.setdefault(key, {"params": [], "lr_scale": float(layer_decay) ** (depth + 1 - key[0]),
+                                    "wd_scale": wd_scale})["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def apply_group_scales(optimizer: torch.optim.Optimizer, scheduled: dict) -> None:
+    """The iteration's lr and weight decay, times each group's scales."""
+    for group in optimizer.param_groups:
+        group["lr"] = scheduled["lr"] * group["lr_scale"]
+        group["weight_decay"] = scheduled["weight_decay"] * group["wd_scale"]
+
+
+def erode_dilate(patches: torch.Tensor, erode_p: float, dilate_p: float, generator: torch.Generator) -> torch.Tensor:
+    """Per patch [B, 1, H, W] (ink 1): 3x3 erosion with probability erode_p, then 3x3 dilation with
+    probability dilate_p; the draws come from the CPU `generator` (device-independent)."""
+    draws = torch.rand(2, len(patches), generator=generator).to(patches.device)
+    eroded = -F.max_pool2d(-patches, 3, stride=1, padding=1)  # max_pool pads with -inf: no border ink
+    x = torch.where((draws[0] < erode_p)[:, None, None, None], eroded, patches)
+    dilated = F.max_pool2d(x, 3, stride=1, padding=1)
+    return torch.where((draws[1] < dilate_p)[:, None, None, None], dilated, x)
+
+
+def encoded(forward, dataset, batch_size: int, device: torch.device):
+    """forward(patches on `device`) of the dataset's patches, batch by batch (labels dropped)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=max(int(batch_size), 1))
+    for batch in loader:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        yield forward(x.to(device, non_blocking=device.type == "cuda"))
+
+
+@torch.no_grad()
+def kmeans_centroids(forward, dataset, clusters: int, seed: int, batch_size: int, device: torch.device) -> torch.Tensor:
+    """k-means (faiss) centroids [clusters, D] of forward(patches) of a seeded sample of at most
+    KMEANS_SAMPLE patches of `dataset`."""
+    n = len(dataset)
+    take = np.sort(np.random.default_rng([int(seed), 3]).choice(n, size=min(n, KMEANS_SAMPLE), replace=False))
+    subset = torch.utils.data.Subset(dataset, take.tolist())
+    vectors = torch.cat([v.float().cpu() for v in encoded(forward, subset, batch_size, device)])
+    log.info("finetune: NetRVLAD centroids by k-means of %d [CLS] vectors", len(vectors))
+    return torch.from_numpy(fit_codebook(vectors.numpy(), int(clusters), KMEANS_ITERATIONS, int(seed)))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation on held-out writers, early stopping
+# --------------------------------------------------------------------------------------------
+
+def held_out_writers(pages_of: pd.Series, setting: float, seed: int) -> list[str]:
+    """Writers held out for validation, a seeded choice among the train writers with >= 2 pages:
+    ceil(setting x writers) of them (at least 2) for a fraction setting < 1, `setting` writers
+    for setting >= 1, none for 0. `pages_of`: writer -> number of train pages with patches."""
+    setting = float(setting)
+    if setting <= 0:
+        return []
+    n = len(pages_of)
+    want = max(2, math.ceil(setting * n)) if setting < 1 else int(setting)
+    eligible = sorted(str(w) for w, c in pages_of.items() if c >= 2)
+    if want > len(eligible) or want >= n:
+        raise InputError(f"finetune: validation_writers {setting:g} asks for {want} held-out writers with >= 2 "
+                         f"pages, but the train split has {n} writers ({len(eligible)} with >= 2 pages) and "
+                         "training needs one; lower validation_writers (0 = no validation)")
+    return sorted(np.random.default_rng([int(seed), 4]).choice(eligible, size=want, replace=False).tolist())
+
+
+class Validation:
+    """The held-out pages: descriptor = signed power + L2 of the sum of the page's patch
+    encodings (as embed_patches makes them); `map` = leave-one-out retrieval mAP by writer."""
+
+    def __init__(self, patches: PatchDataset, page_of_patch: np.ndarray, writers: list[str], power: float,
+                 batch_size: int):
+        self.patches, self.writers, self.power, self.batch_size = patches, writers, float(power), int(batch_size)
+        self.page_of_patch = torch.as_tensor(np.asarray(page_of_patch, np.int64))
+
+    @torch.no_grad()
+    def map(self, net: nn.Module, device: torch.device) -> float:
+        sums, start = None, 0
+        for y in encoded(net, self.patches, self.batch_size, device):
+            y = y.double()
+            if sums is None:
+                sums = torch.zeros(len(self.writers), y.shape[1], dtype=torch.float64, device=y.device)
+            sums.index_add_(0, self.page_of_patch[start:start + len(y)].to(y.device), y)
+            start += len(y)
+        return float(evaluate(power_l2(sums.cpu().numpy(), self.power), self.writers)[0]["map"])
+
+
+class EarlyStopping:
+    """The best validation mAP so far, its epoch and the weights then; `stopped` once `patience`
+    epochs in a row brought no better mAP."""
+
+    def __init__(self, patience: int):
+        self.patience = int(patience)
+        self.best_map, self.best_epoch, self.last_epoch, self.best_state = -math.inf, 0, 0, None
+
+    def update(self, epoch: int, value: float, state) -> None:
+        """Record epoch `epoch`'s mAP; `state()` gives its weights, taken only for a new best."""
+        self.last_epoch = int(epoch)
+        if value > self.best_map:
+            self.best_map, self.best_epoch, self.best_state = float(value), int(epoch), state()
+
+    @property
+    def stopped(self) -> bool:
+        return self.best_epoch > 0 and self.last_epoch - self.best_epoch >= self.patience
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
+
+# --------------------------------------------------------------------------------------------
+# Trainer and stage
+# --------------------------------------------------------------------------------------------
+
 class FinetuneTrainer(NetTrainer):
     loss_keys = ("loss", "valid_anchors")
+    last_keys = ("lr", "weight_decay", "val_map", "best_epoch")
 
-    def __init__(self, s: dict, model: dict, encoder_path, device: torch.device, niter_per_epoch: int,
-                 world_size: int = 1, ddp: bool = False):
+    def __init__(self, s: dict, model: dict, encoder_path, train_set, device: torch.device, niter_per_epoch: int,
+                 world_size: int = 1, ddp: bool = False, rank: int = 0, validation: Validation | None = None,
+                 early: EarlyStopping | None = None):
         encoder = load_encoder(encoder_path, model, "cpu")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(s["seed"]))
-            net = FinetuneNet(encoder, int(s["clusters"]))
+            net = FinetuneNet(encoder, int(s["clusters"]), s["pooling"])
         super().__init__(net, s, device, niter_per_epoch, world_size, ddp, scale_lr=False)
+        self.niter, self.world_size, self.rank = int(niter_per_epoch), int(world_size), int(rank)
+        self.validation, self.early = validation, early
+        if self.net.netrvlad.centroids is not None:  # k-means of train [CLS] vectors
+            cls = lambda x: self.net.encoder.forward_features(x)[:, 0]  # noqa: E731
+            with self.opt.autocast():
+                centroids = kmeans_centroids(cls, train_set, int(s["clusters"]), int(s["seed"]), int(s["batch_size"]),
+                                             device)
+            self.net.netrvlad.centroids.data.copy_(centroids.to(device))
+        self.opt.optimizer = torch.optim.AdamW(layer_decay_groups(self.net, float(s["layer_decay"])), lr=0.0,
+                                               weight_decay=0.0)
 
     def loss(self, patches, labels):
         """(multi-similarity loss, share of valid anchors) of a batch."""
@@ -190,63 +368,130 @@ class FinetuneTrainer(NetTrainer):
     def step(self, batch, it: int, epoch: int) -> dict:
         patches, labels = (t.to(self.device, non_blocking=self.device.type == "cuda") for t in batch)
         scheduled = self.opt.set_iteration(it)
+        apply_group_scales(self.opt.optimizer, scheduled)
+        patches = erode_dilate(patches, float(self.s["erode_p"]), float(self.s["dilate_p"]),
+                               mask_generator(self.s["seed"], it, self.rank))
         loss, valid = self.loss(patches, labels)
         self.opt.step(loss, it)
-        return {"loss": loss.item(), "valid_anchors": valid, **scheduled}
+        row = {"loss": loss.item(), "valid_anchors": valid, **scheduled}
+        if self.validation is not None and (it + 1) % self.niter == 0:  # the epoch's last iteration
+            row.update(self.validate(epoch + 1))
+        return row
+
+    def validate(self, epoch: int) -> dict:
+        self.net.eval()
+        with self.opt.autocast():
+            value = self.validation.map(self.net, self.device)
+        self.net.train()
+        value = all_reduce_mean([value], self.device, self.world_size)[0]  # every rank decides alike
+        self.early.update(epoch, value, self.weights)
+        log.info("finetune epoch %d: validation mAP %.4f (best %.4f, epoch %d)", epoch, value, self.early.best_map,
+                 self.early.best_epoch)
+        if self.early.stopped:
+            log.info("finetune: no better validation mAP for %d epochs: stopping", self.early.patience)
+        return {"val_map": value, "best_epoch": self.early.best_epoch}
+
+    def weights(self) -> dict:
+        return {part: {k: v.detach().to("cpu", copy=True) for k, v in getattr(self.net, part).state_dict().items()}
+                for part in ("encoder", "netrvlad")}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "early": self.early.state_dict() if self.early else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.early is not None:
+            self.early.load_state_dict(state["early"])
 
     def export(self) -> dict:
-        return {"encoder": self.net.encoder.state_dict(), "netrvlad": self.net.netrvlad.state_dict()}
+        best = self.early.best_state if self.early is not None and self.early.best_state else self.weights()
+        return {**best, "pooling": self.s["pooling"]}
 
 
 def settings_with_defaults(settings: dict) -> dict:
     s = {**DEFAULTS, **settings}
     if s["method"] != "netrvlad":
         raise InputError(f"finetune settings: method {s['method']!r} unknown; allowed: netrvlad")
-    for key in ("m_per_class", "classes_per_batch", "clusters"):
-        if int(s[key]) < (2 if key != "clusters" else 1):
+    if s["pooling"] not in POOLINGS:
+        raise InputError(f"finetune settings: pooling {s['pooling']!r} unknown; allowed: {', '.join(POOLINGS)}")
+    for key in ("m_per_class", "classes_per_batch", "clusters", "patience"):
+        if int(s[key]) < (2 if key in ("m_per_class", "classes_per_batch") else 1):
             raise InputError(f"finetune settings: {key} = {s[key]} is too small")
+    if float(s["validation_writers"]) > 0 and "power" not in s:
+        raise InputError("finetune settings: validation needs the page descriptors' power (embed.power)")
     s["batch_size"] = int(s["m_per_class"]) * int(s["classes_per_batch"])
     return s
 
 
-def training_patches(patch_shards, labels_path) -> PatchDataset:
-    """Train-split patches with a cluster label (!= -1) of the cluster stage's patches.parquet."""
-    table = pd.read_parquet(labels_path, columns=["split", "shard", "row", "cluster"])
-    keep = (table.split == "train").to_numpy() & (table.cluster.to_numpy() >= 0)
+def training_patches(patch_shards, labels_path, index_path, s: dict) -> tuple[PatchDataset, Validation | None]:
+    """Train-split patches with a cluster label (!= -1) of the cluster stage's patches.parquet, but
+    those of the held-out writers, whose pages (every patch) form the validation set."""
+    table = pd.read_parquet(labels_path, columns=["doc_id", "split", "shard", "row", "cluster"])
+    index = pd.read_parquet(index_path, columns=["doc_id", "writer"])
+    train = (table.split == "train").to_numpy()
+    writer = table.doc_id.map(dict(zip(index.doc_id.astype(str), index.writer.astype(str)))).to_numpy()
+    pages = pd.Series(table.doc_id[train].to_numpy()).groupby(writer[train]).nunique()
+    held = np.isin(writer, held_out_writers(pages, s["validation_writers"], int(s["seed"]))) & train
+    keep = train & ~held & (table.cluster.to_numpy() >= 0)
     if not keep.any():
         raise InputError(f"finetune: no train-split patch with a cluster label in {labels_path} "
-                         f"({len(table)} patches, {int((table.split == 'train').sum())} of the train split)")
-    rows = np.stack([table.shard.to_numpy()[keep], table.row.to_numpy()[keep]], axis=1)
-    return PatchDataset(patch_shards, rows=rows, labels=table.cluster.to_numpy()[keep])
+                         f"({len(table)} patches, {int(train.sum())} of the train split)")
+    rows = table[["shard", "row"]].to_numpy()
+    dataset = PatchDataset(patch_shards, rows=rows[keep], labels=table.cluster.to_numpy()[keep])
+    if not held.any():
+        return dataset, None
+    docs, page_of_patch = np.unique(table.doc_id.to_numpy()[held].astype(str), return_inverse=True)
+    writers = index.set_index(index.doc_id.astype(str)).writer.astype(str).loc[docs].tolist()
+    log.info("finetune: %d pages of %d held-out writers for validation", len(docs), len(set(writers)))
+    return dataset, Validation(PatchDataset(patch_shards, rows=rows[held]), page_of_patch, writers, s["power"],
+                               s["batch_size"])
 
 
-def finetune(patch_shards, labels_path, encoder_path, model: dict, settings: dict, out_dir, *, device: str = "auto",
-             progress: bool = True, stop_after_epochs: int | None = None) -> dict:
+def finetune(patch_shards, labels_path, index_path, encoder_path, model: dict, settings: dict, out_dir, *,
+             device: str = "auto", progress: bool = True, stop_after_epochs: int | None = None) -> dict:
     """Fine-tune encoder + NetRVLAD on the pseudo labels -> out_dir/model.pt and out_dir/log.parquet."""
     s = settings_with_defaults(settings)
     model = model_with_defaults(model)
     s["model"] = model
-    dataset = training_patches(patch_shards, labels_path)
+    dataset, validation = training_patches(patch_shards, labels_path, index_path, s)
     size = int(model["img_size"])
     if dataset.patch_shape != (size, size):
         raise InputError(f"finetune: patches are {dataset.patch_shape}, but model img_size is {size}")
-    sampler = functools.partial(m_per_class_batches, dataset.labels, int(s["m_per_class"]),
-                                int(s["classes_per_batch"]), int(s["max_patches"]), int(s["seed"]))
+    early = EarlyStopping(int(s["patience"])) if validation is not None else None
+    balanced = functools.partial(m_per_class_batches, dataset.labels, int(s["m_per_class"]),
+                                 int(s["classes_per_batch"]), int(s["max_patches"]), int(s["seed"]))
+
+    def sampler(epoch, rank, world_size):  # no batches once stopped early (the loop has no stop)
+        return [] if early is not None and early.stopped else balanced(epoch, rank, world_size)
+
+    def trainer(dev, niter, world_size, rank, ddp):
+        return FinetuneTrainer(s, model, encoder_path, dataset, dev, niter, world_size, ddp, rank, validation, early)
+
     log.info("finetune: %d labelled train patches in %d clusters", len(dataset), len(np.unique(dataset.labels)))
-    return train(dataset, s, out_dir,
-                 lambda dev, niter, ws, rank, ddp: FinetuneTrainer(s, model, encoder_path, dev, niter, ws, ddp),
-                 device=device, progress=progress, stop_after_epochs=stop_after_epochs, batch_sampler=sampler,
-                 model_file=MODEL_FILE, name="finetune")
+    result = train(dataset, s, out_dir, trainer, device=device, progress=progress, stop_after_epochs=stop_after_epochs,
+                   batch_sampler=sampler, model_file=MODEL_FILE, name="finetune")
+    if early is None or result.get("stopped"):
+        return result
+    return {**result, **trained_epochs(out_dir, early)}
+
+
+def trained_epochs(out_dir, early: EarlyStopping) -> dict:
+    """Drop the log rows of the epochs after an early stop (no batches); the run's best epoch."""
+    path = os.path.join(out_dir, LOG_TABLE)
+    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes the log
+        table = pd.read_parquet(path)
+        write_parquet(table[table.epoch <= early.last_epoch].reset_index(drop=True), path)
+    return {"epochs": early.last_epoch, "best_epoch": early.best_epoch, "val_map": early.best_map}
 
 
 def load_finetuned(path, model: dict, device="cpu") -> FinetuneNet:
-    """The network saved by `finetune` (model.pt), in eval mode; the cluster count comes from the file."""
+    """The network saved by `finetune` (model.pt), in eval mode; cluster count and pooling come from the file."""
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     state = torch.load(path, map_location="cpu", weights_only=True)
     encoder = build_encoder(model)
     encoder.load_state_dict(state["encoder"])
     encoder.pos_embed.requires_grad_(False)
-    net = FinetuneNet(encoder, int(state["netrvlad"]["assign.weight"].shape[0]))
+    net = FinetuneNet(encoder, int(state["netrvlad"]["assign.weight"].shape[0]), state["pooling"])
     net.netrvlad.load_state_dict(state["netrvlad"])
     return net.to(dev).eval()
 

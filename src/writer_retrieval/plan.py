@@ -20,7 +20,27 @@ from typing import Mapping
 
 import jsonschema
 
-from .config import binarize_settings, dataset_hash, load_schema, settings_hash, uses_sam
+from .config import ConfigError, binarize_settings, dataset_hash, load_schema, settings_hash, uses_sam
+
+
+@functools.cache
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checkpoint_digest(features: str, path: str) -> str:
+    """The content hash of a `pretrain.init` checkpoint (a moved file keeps its folders)."""
+    import os
+
+    try:
+        stat = os.stat(path)
+    except OSError:
+        raise ConfigError(f"features.{features}.pretrain.init: checkpoint {path!r} does not exist "
+                          f"(relative paths start at the workflow's working directory {os.getcwd()})") from None
+    return "sha256:" + _file_sha256(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
 
 
 @dataclass(frozen=True)
@@ -263,8 +283,10 @@ class Plan:
     def _pretrain(self, dataset, features, built) -> Variant | None:
         feat = self.config["features"][features]
         if feat["pretrain"]["method"] == "none":
-            return None
+            return self._pretrained(dataset, features)
         result, execution = self.split("features", features, "pretrain")
+        if "init" in result:
+            result["init"], execution["init"] = checkpoint_digest(features, result["init"]), result["init"]
         # The effective batch decides the optimisation; how it is spread over GPUs does not.
         result["effective_batch_size"] = execution["batch_size"] * feat["gpus"]
         execution.update(device=feat["device"], gpus=feat["gpus"])
@@ -276,6 +298,18 @@ class Plan:
             if uses_sam(self.config):  # SAM's writing-amount filter chooses the training pages
                 inputs["segment"] = self.segment(dataset).folder
         return Variant("pretrain", dataset, feat["pretrain"]["method"], result, execution, inputs)
+
+    def _pretrained(self, dataset, features) -> Variant | None:
+        """method none: the random init (no stage), or the checkpoint of `init` as it is."""
+        feat = self.config["features"][features]
+        init = feat["pretrain"].get("init")
+        if init is None:
+            if feat["kind"] == "saghog":
+                raise ConfigError(f"features.{features}.pretrain: method none needs init (a SAGHOG encoder checkpoint)")
+            return None
+        result = {"method": "none", "init": checkpoint_digest(features, init), "kind": feat["kind"],
+                  "model": feat["model"]}
+        return Variant("pretrain", dataset, "none", result, {"init": init, "device": feat["device"], "gpus": 1}, {})
 
     def _embed(self, dataset, features, built) -> Variant:
         feat = self.config["features"][features]
@@ -300,6 +334,8 @@ class Plan:
             return None
         result, execution = self.split("features", features, "finetune")
         result.update(model=feat["model"], seed=feat["seed"])
+        if result["validation_writers"]:  # the validation pages are embedded as embed_patches does
+            result["power"] = feat["embed"]["power"]
         execution["device"] = feat["device"]
         return Variant("finetune", dataset, feat["finetune"]["method"], result, execution,
                        inputs={"pretrain": built["pretrain"].folder, "cluster": built["cluster"].folder,

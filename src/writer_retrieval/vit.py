@@ -10,6 +10,8 @@ tokens, [CLS] first).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -26,16 +28,18 @@ def to_input(window: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]
 
 
-def build_backbone(model: dict, seed: int | None = None) -> nn.Module:
+def build_backbone(model: dict, seed: int | None = None, drop_path: float = 0.0, init=None) -> nn.Module:
     """A timm VisionTransformer with in_chans=1, no classifier, dynamic image size, no weights
-    downloaded; plus a learnable `mask_token` (1, embed_dim) used by masked image modelling."""
+    downloaded; plus a learnable `mask_token` (1, embed_dim) used by masked image modelling.
+    drop_path: stochastic depth, a training setting (it has no parameters and is off in eval mode).
+    init: a local checkpoint (a backbone.pt) to start from instead of the random init."""
     import timm
 
     for key in ("arch", "img_size", "patch_size"):
         if key not in model:
             raise InputError(f"model settings: missing key '{key}' (have {sorted(model)})")
     kwargs = dict(pretrained=False, num_classes=0, in_chans=1, img_size=model["img_size"],
-                  patch_size=model["patch_size"], drop_path_rate=model.get("drop_path_rate", 0.0),
+                  patch_size=model["patch_size"], drop_path_rate=float(drop_path),
                   dynamic_img_size=True)
     for key in ("embed_dim", "depth", "num_heads"):
         if model.get(key) is not None:
@@ -47,16 +51,45 @@ def build_backbone(model: dict, seed: int | None = None) -> nn.Module:
     if getattr(net, "cls_token", None) is None or not hasattr(net, "blocks"):
         raise InputError(f"model arch {model['arch']!r}: pretraining needs a ViT with a [CLS] token")
     net.mask_token = nn.Parameter(torch.zeros(1, net.embed_dim))
-    return net
+    return net if init is None else load_checked(net, init)
 
 
 def load_backbone(path, model: dict, device="cpu") -> nn.Module:
     """The student backbone saved by `pretrain` (backbone.pt), in eval mode on `device`."""
     dev = resolve_device(device) if not isinstance(device, torch.device) else device
-    net = build_backbone(model)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    return build_backbone(model, init=path).to(dev).eval()
+
+
+def _listed(keys: list[str], limit: int = 4) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_checked(net: nn.Module, path) -> nn.Module:
+    """Load a state_dict file into `net`; a file that does not fit the architecture is an InputError
+    that names the file and the mismatch (missing / unexpected keys, shapes), not a torch traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say which
+        raise InputError(f"checkpoint {path}: not a PyTorch state_dict ({exc})") from None
+    if not isinstance(state, dict):
+        raise InputError(f"checkpoint {path}: holds a {type(state).__name__}, not a state_dict")
+    expected = net.state_dict()
+    problems = []
+    if missing := sorted(set(expected) - set(state)):
+        problems.append(f"missing {_listed(missing)}")
+    if unexpected := sorted(set(state) - set(expected)):
+        problems.append(f"unexpected {_listed(unexpected)}")
+    shapes = [f"{k} {tuple(state[k].shape)} where the model has {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if shapes:
+        problems.append(f"shape of {_listed(shapes, 2)}")
+    if problems:
+        raise InputError(f"checkpoint {path} does not fit the model settings: {'; '.join(problems)}")
     net.load_state_dict(state)
-    return net.to(dev).eval()
+    return net
 
 
 # --------------------------------------------------------------------------------------------

@@ -58,8 +58,62 @@ def run(inputs: dict, settings: dict, out_dir, **options) -> dict:
     """Any method: inputs = {"page_masks": [...]} for window methods, or
     {"patch_shards": [[patches.npy, index.parquet], ...], "doc_ids": [...]} for saghog."""
     method = settings.get("method")
+    if method == "none":
+        return use_checkpoint(settings, out_dir)
     if method == "saghog":
         from .saghog import pretrain_saghog
 
         return pretrain_saghog(inputs["patch_shards"], inputs["doc_ids"], settings, out_dir, **options)
     return pretrain(inputs["page_masks"], settings, out_dir, **options)
+
+
+# Where each method's trainer keeps the exported network in its checkpoint state.
+_EXPORTED = {"attmask": ("student", "backbone."), "saghog": ("net", "encoder.")}
+
+
+def use_checkpoint(settings: dict, out_dir) -> dict:
+    """method none + init: a checkpoint used as it is (a zoo network, another run's backbone.pt),
+    checked against the model settings, as out_dir/backbone.pt with an empty training log."""
+    from pathlib import Path
+
+    import pandas as pd
+    import torch
+
+    from ..storage import write_parquet
+    from .loop import BACKBONE, CHECKPOINT, LOG_TABLE
+
+    from ..vit import build_backbone, load_checked
+
+    if settings["kind"] == "saghog":
+        from .saghog import build_encoder, model_with_defaults
+
+        net = build_encoder(model_with_defaults(settings["model"]))
+    else:
+        net = build_backbone(settings["model"])
+    state = load_checked(net, settings["init"]).state_dict()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out / BACKBONE)
+    torch.save({"init": str(settings["init"]), "trainer": None}, out / CHECKPOINT)
+    write_parquet(pd.DataFrame({"epoch": pd.Series(dtype="int64")}), out / LOG_TABLE)
+    return {"epochs": 0, "init": str(settings["init"])}
+
+
+def initial_weights(settings: dict) -> dict:
+    """The network a run of `settings` starts from (its seeded random init): the untrained control."""
+    if settings["method"] == "saghog":
+        from .saghog import build_encoder, model_with_defaults
+
+        return build_encoder(model_with_defaults(settings["model"]), seed=int(settings["seed"])).state_dict()
+    from ..vit import build_backbone
+
+    return build_backbone(settings["model"], seed=int(settings["seed"])).state_dict()
+
+
+def trained_weights(checkpoint_path, method: str) -> dict:
+    """The network a training checkpoint (checkpoint.pt) would export, as backbone.pt holds it."""
+    import torch
+
+    state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)["trainer"]
+    part, prefix = _EXPORTED.get(method, ("net", "backbone."))
+    return {k[len(prefix):]: v for k, v in state[part].items() if k.startswith(prefix)}

@@ -15,9 +15,14 @@ iBOT/DINO-style student-teacher training with attention-guided masking:
 Design choices (documented here because other stages rely on them):
 
 - Head: one shared projection MLP (Linear-GELU-Linear-GELU-Linear to a 256-d bottleneck, L2
-  normalised) for [CLS] and patch tokens, followed by two separate weight-normalised last layers
-  (`out_dim` for [CLS], `patch_out_dim` for patches). This is iBOT's "non-shared head" variant.
-  Last layers are weight-normalised with the norm fixed to 1 (DINO's norm_last_layer=True).
+  normalised) for [CLS] and patch tokens, followed by one weight-normalised last layer for both
+  (`shared_head`, iBOT's shared head) or two (`out_dim` for [CLS], `patch_out_dim` for patches).
+  Last layers are weight-normalised with the norm fixed to 1 (DINO's norm_last_layer=True) and
+  get no update during the first `freeze_last_layer` epochs.
+- Drop path (stochastic depth) in the student only; the teacher is built without it.
+- Teacher temperatures rise linearly from their warm-up values over `warmup_teacher_temp_epochs`,
+  constant within an epoch (as published); the masking ratio of an iteration is drawn from
+  U(mask_ratio - mask_ratio_var, mask_ratio + mask_ratio_var).
 - Mask token: a learnable (1, embed_dim) parameter attached to the backbone as
   `backbone.mask_token` (so it is saved in backbone.pt and restored by `load_backbone`). It is
   spliced in right after `patch_embed`, before position embeddings (see `forward_tokens`).
@@ -26,7 +31,8 @@ Design choices (documented here because other stages rely on them):
 - Patch loss per view = mean over images of (mean CE over that image's masked patches), images
   without masked patches contributing 0 (as in iBOT); total = loss_cls + loss_patch.
 - lr = settings.lr * (batch_size * world_size) / 256 (batch_size is per process, as in the paper).
-- Gradient clipping by the global gradient norm (torch.nn.utils.clip_grad_norm_).
+- Gradient clipping per parameter (`clip_mode: per_parameter`, the published code) or by the
+  global norm.
 - The epoch loop, checkpoints, DDP and the optimiser are shared with the other methods (loop.py).
 """
 from __future__ import annotations
@@ -41,6 +47,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..vit import _forward, build_backbone
+from .augment import BatchAugmenter, on_device
 from .loop import AUGMENTATION, Optimization, WindowDataset, cosine_schedule, page_windows, train, wrap_ddp
 
 REQUIRED_SETTINGS = (
@@ -57,13 +64,14 @@ OPTIONAL_SETTINGS = {
     "head_hidden_dim": 2048,
     "head_bottleneck_dim": 256,
     "head_layers": 3,
-    "freeze_last_layer": 0,           # epochs during which the heads' last layers are frozen
-    "warmup_teacher_temp": None,      # None = no teacher temperature warm-up
-    "warmup_teacher_temp_epochs": 0,
     "center_momentum": 0.9,
     "blur_p_global": 0.5,
     "blur_p_local": 0.5,
 }
+# Published recipe elements the schema sets to the paper's values; a caller that leaves one out
+# gets it switched off (a warm-up temperature left out is the final temperature).
+RECIPE_OFF = {"freeze_last_layer": 0, "drop_path": 0.0, "shared_head": False, "mask_ratio_var": 0.0,
+              "clip_mode": "global", "warmup_teacher_temp_epochs": 0}
 MASKING_MODES = ("attmask_high", "random", "block")
 
 
@@ -142,9 +150,11 @@ class NormedLinear(nn.Module):
 
 
 class AttMaskHead(nn.Module):
-    """Shared projection MLP -> L2-normalised bottleneck -> separate [CLS] / patch last layers."""
+    """Shared projection MLP -> L2-normalised bottleneck -> [CLS] / patch last layers (one shared
+    layer when `shared`, which needs patch_out_dim == out_dim)."""
 
-    def __init__(self, in_dim, out_dim, patch_out_dim, hidden_dim=2048, bottleneck_dim=256, n_layers=3):
+    def __init__(self, in_dim, out_dim, patch_out_dim, hidden_dim=2048, bottleneck_dim=256, n_layers=3,
+                 shared: bool = False):
         super().__init__()
         n_layers = max(int(n_layers), 1)
         if n_layers == 1:
@@ -160,7 +170,7 @@ class AttMaskHead(nn.Module):
                 nn.init.trunc_normal_(mod.weight, std=0.02)
                 nn.init.zeros_(mod.bias)
         self.last_cls = NormedLinear(bottleneck_dim, out_dim)
-        self.last_patch = NormedLinear(bottleneck_dim, patch_out_dim)
+        self.last_patch = self.last_cls if shared else NormedLinear(bottleneck_dim, patch_out_dim)
 
     def project(self, x):
         return F.normalize(self.mlp(x), dim=-1)
@@ -218,13 +228,15 @@ def _settings_with_defaults(settings: dict) -> dict:
     missing = [k for k in REQUIRED_SETTINGS if k not in settings]
     if missing:
         raise InputError(f"pretrain settings: missing key(s) {', '.join(missing)}")
-    s = dict(OPTIONAL_SETTINGS)
+    defaults = {**OPTIONAL_SETTINGS, **RECIPE_OFF}
+    s = dict(defaults)
     s.update({k: v for k, v in settings.items()})
-    for k, v in OPTIONAL_SETTINGS.items():
+    for k, v in defaults.items():
         if s.get(k) is None:
             s[k] = v
-    if s["warmup_teacher_temp"] is None:
-        s["warmup_teacher_temp"] = s["teacher_temp"]
+    for warm, final in (("warmup_teacher_temp", "teacher_temp"), ("warmup_patch_teacher_temp", "patch_teacher_temp")):
+        if s.get(warm) is None:
+            s[warm] = s[final]
     if s["method"] != "attmask":
         raise InputError(f"pretrain settings: method {s['method']!r} is not supported (only 'attmask')")
     if s["masking"] not in MASKING_MODES:
@@ -237,9 +249,19 @@ def _settings_with_defaults(settings: dict) -> dict:
             raise InputError(f"pretrain settings: {key} = {s[key]} is not a multiple of patch_size {p}")
     if int(s["epochs"]) < 1 or int(s["batch_size"]) < 1:
         raise InputError("pretrain settings: epochs and batch_size must be >= 1")
+    if s["shared_head"] and int(s["out_dim"]) != int(s["patch_out_dim"]):
+        raise InputError(f"pretrain settings: shared_head needs patch_out_dim == out_dim, got {s['patch_out_dim']} "
+                         f"and {s['out_dim']} (set shared_head: false for separate last layers)")
     if int(s["checkpoint_every"]) < 1:
         s["checkpoint_every"] = 1
     return s
+
+
+def warmup_schedule(warmup: float, final: float, warmup_epochs: int, epochs: int, niter_per_epoch: int) -> np.ndarray:
+    """Per iteration: linear from `warmup` (epoch 0) to `final` (epoch warmup_epochs - 1), then `final`;
+    constant within an epoch, as DINO/iBOT schedule the teacher temperature."""
+    per_epoch = np.concatenate([np.linspace(warmup, final, warmup_epochs), np.full(epochs, final)])[:epochs]
+    return np.repeat(per_epoch, niter_per_epoch)
 
 
 class AttMaskTrainer:
@@ -251,13 +273,17 @@ class AttMaskTrainer:
         self.device = device
         self.rank, self.world_size = rank, world_size
         self.niter_per_epoch = int(niter_per_epoch)
-        backbone = build_backbone(s["model"], seed=int(s["seed"]))
+        backbone = build_backbone(s["model"], seed=int(s["seed"]), drop_path=float(s["drop_path"]),
+                                  init=s.get("init"))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(s["seed"]) + 1)
             head = AttMaskHead(backbone.embed_dim, int(s["out_dim"]), int(s["patch_out_dim"]),
-                               int(s["head_hidden_dim"]), int(s["head_bottleneck_dim"]), int(s["head_layers"]))
+                               int(s["head_hidden_dim"]), int(s["head_bottleneck_dim"]), int(s["head_layers"]),
+                               shared=bool(s["shared_head"]))
         self.student = MultiCropNet(backbone, head).to(device)
-        self.teacher = copy.deepcopy(self.student)
+        # Same weights, no drop path (the published recipe builds the teacher without it).
+        self.teacher = MultiCropNet(build_backbone(s["model"], seed=int(s["seed"])), copy.deepcopy(head)).to(device)
+        self.teacher.load_state_dict(self.student.state_dict())
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.student_ddp = wrap_ddp(self.student, device, ddp)
@@ -268,11 +294,16 @@ class AttMaskTrainer:
         epochs = int(s["epochs"])
         n = self.niter_per_epoch
         self.momentum_schedule = cosine_schedule(float(s["momentum_teacher"]), 1.0, epochs, n)
-        warm_t = int(round(float(s["warmup_teacher_temp_epochs"]) * n))
-        total = epochs * n
-        self.teacher_temp_schedule = np.concatenate([
-            np.linspace(float(s["warmup_teacher_temp"]), float(s["teacher_temp"]), min(warm_t, total)),
-            np.full(max(total - warm_t, 0), float(s["teacher_temp"]))])
+        warm = int(s["warmup_teacher_temp_epochs"])
+        self.teacher_temp_schedule = warmup_schedule(float(s["warmup_teacher_temp"]), float(s["teacher_temp"]),
+                                                     warm, epochs, n)
+        self.patch_temp_schedule = warmup_schedule(float(s["warmup_patch_teacher_temp"]),
+                                                   float(s["patch_teacher_temp"]), warm, epochs, n)
+
+    def temperatures(self, it: int) -> tuple[float, float]:
+        """The teacher temperatures ([CLS], patches) of iteration `it`."""
+        i = min(it, len(self.teacher_temp_schedule) - 1)
+        return float(self.teacher_temp_schedule[i]), float(self.patch_temp_schedule[i])
 
     # -- masks ------------------------------------------------------------------------------
     def make_mask(self, n_images: int, grid: tuple[int, int], attention: torch.Tensor | None, it: int) -> torch.Tensor:
@@ -280,14 +311,17 @@ class AttMaskTrainer:
         rng = np.random.default_rng([int(s["seed"]), int(it), int(self.rank), 2])
         n = grid[0] * grid[1]
         apply = rng.random(n_images) < float(s["mask_probability"])
+        ratio, var = float(s["mask_ratio"]), float(s["mask_ratio_var"])
+        if var > 0:  # one ratio for the whole batch, as AttMask draws it
+            ratio = float(rng.uniform(ratio - var, ratio + var))
         if s["masking"] == "attmask_high":
             if attention is None:
                 raise ValueError("attmask_high needs the teacher's attention")
-            mask = attention_mask(attention, float(s["mask_ratio"]))
+            mask = attention_mask(attention, ratio)
         elif s["masking"] == "random":
-            mask = torch.from_numpy(random_mask(n_images, n, float(s["mask_ratio"]), rng))
+            mask = torch.from_numpy(random_mask(n_images, n, ratio, rng))
         else:
-            mask = torch.from_numpy(block_mask(n_images, grid, float(s["mask_ratio"]), rng))
+            mask = torch.from_numpy(block_mask(n_images, grid, ratio, rng))
         mask = mask.to(self.device) & torch.from_numpy(apply).to(self.device)[:, None]
         return mask
 
@@ -295,8 +329,7 @@ class AttMaskTrainer:
     def loss(self, s_cls, s_patch, t_cls, t_patch, mask, n_global: int, it: int):
         s = self.s
         st = float(s["student_temp"])
-        tt = float(self.teacher_temp_schedule[min(it, len(self.teacher_temp_schedule) - 1)])
-        ptt = float(s["patch_teacher_temp"])
+        tt, ptt = self.temperatures(it)
         s_cls, s_patch, t_cls, t_patch = s_cls.float(), s_patch.float(), t_cls.float(), t_patch.float()
         t_prob = F.softmax((t_cls - self.center) / tt, dim=-1).chunk(n_global)
         s_logp = F.log_softmax(s_cls / st, dim=-1)
@@ -339,8 +372,8 @@ class AttMaskTrainer:
         of the L2-normalised teacher backbone [CLS] (near 0 = dimensional collapse; 1/sqrt(dim) for
         spread-out features) and the share of masked patches."""
         s = self.s
-        st, ptt = float(s["student_temp"]), float(s["patch_teacher_temp"])
-        tt = float(self.teacher_temp_schedule[min(it, len(self.teacher_temp_schedule) - 1)])
+        st = float(s["student_temp"])
+        tt, ptt = self.temperatures(it)
 
         def entropy(logp):
             return -(logp.exp() * logp).sum(-1).mean().item()
@@ -372,7 +405,7 @@ class AttMaskTrainer:
 
     def step(self, batch, it: int, epoch: int) -> dict:
         """batch = (globals [B, 2, 1, G, G], locals [B, L, 1, l, l]) as produced by MultiCropDataset."""
-        globals_, locals_ = batch
+        globals_, locals_ = multicrop_batch(batch, self.s, it, self.rank, self.device)
         s = self.s
         scheduled = self.opt.set_iteration(it)
         dev = self.device
@@ -425,10 +458,13 @@ class AttMaskTrainer:
 
 
 class MultiCropDataset(WindowDataset):
-    """Item i -> (2 global crops [2, 1, G, G], local crops [L, 1, l, l]) of window i, float32."""
+    """Item i -> (2 global crops [2, 1, G, G], local crops [L, 1, l, l]) of window i, float32;
+    with augment_on: device the raw window [H, W] uint8 (multicrop_batch crops it)."""
 
     def __getitem__(self, i):
         s = self.s
+        if on_device(s):
+            return self.raw_window(i)
         rng = self.rng_for(i)
         win = self.window_at(int(i))
         g = [self.crop_input(rng, win, int(s["global_size"]), s["global_scale"], s["blur_p_global"])
@@ -437,6 +473,16 @@ class MultiCropDataset(WindowDataset):
                for _ in range(int(s["n_local_crops"]))]
         local_t = torch.stack(loc) if loc else torch.zeros(0, 1, int(s["local_size"]), int(s["local_size"]))
         return torch.stack(g), local_t
+
+
+def multicrop_batch(batch, s: dict, it: int, rank: int, device: torch.device):
+    """(globals [B, 2, 1, G, G], locals [B, L, 1, l, l]) of a loader batch: as the workers made them,
+    or, with augment_on: device, cropped and augmented on `device` from the raw windows [B, H, W]."""
+    if not on_device(s):
+        return batch
+    augmenter = BatchAugmenter(batch, s, it, rank, device)
+    return (augmenter.crops(2, int(s["global_size"]), s["global_scale"], s["blur_p_global"]),
+            augmenter.crops(int(s["n_local_crops"]), int(s["local_size"]), s["local_scale"], s["blur_p_local"]))
 
 
 def pretrain_attmask(page_masks: list[str], settings: dict, out_dir, *, device: str = "auto",

@@ -71,11 +71,14 @@ def _param_groups(module: nn.Module):
 
 class Optimization:
     """AdamW (no decay on norms, biases and tokens), per-iteration lr / weight-decay schedules,
-    autocast on GPU (bf16, or fp16 with a GradScaler) and gradient clipping.
+    autocast on GPU (bf16, or fp16 with a GradScaler) and gradient clipping to clip_grad.
 
     lr = settings.lr * batch_size * world_size / 256 when `scale_lr` (the DINO/AttMask rule),
     else settings.lr as given; it warms up linearly, then decays by a cosine to min_lr.
+    clip_mode (default global): "global" clips the norm of all gradients together,
+    "per_parameter" each parameter's gradient norm on its own (DINO's clip_gradients).
     """
+    CLIP_MODES = ("global", "per_parameter")
 
     def __init__(self, module: nn.Module, s: dict, niter_per_epoch: int, device: torch.device,
                  world_size: int = 1, scale_lr: bool = True):
@@ -91,6 +94,9 @@ class Optimization:
         self.wd_schedule = cosine_schedule(float(s["weight_decay"]), float(s.get("weight_decay_end",
                                                                                    s["weight_decay"])), epochs, n)
         self.clip = float(s.get("clip_grad", 0.0))
+        self.clip_mode = s.get("clip_mode", "global")
+        if self.clip_mode not in self.CLIP_MODES:
+            raise ValueError(f"clip_mode {self.clip_mode!r} not in {', '.join(self.CLIP_MODES)}")
 
     def set_iteration(self, it: int) -> dict:
         it = min(it, len(self.lr_schedule) - 1)
@@ -115,11 +121,20 @@ class Optimization:
         self.scaler.scale(loss).backward()
         if self.clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+            self.clip_gradients()
         if before_step is not None:
             before_step()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+
+    def clip_gradients(self) -> None:
+        """Scale gradients down to norm clip_grad (factor clip / (norm + 1e-6) when below 1)."""
+        if self.clip_mode == "global":
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+            return
+        for p in self.module.parameters():
+            if p.grad is not None:
+                torch.nn.utils.clip_grad_norm_(p, self.clip)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
@@ -233,7 +248,12 @@ def random_resized_crop_box(rng: np.random.Generator, height: int, width: int, s
             top = int(rng.integers(0, height - h + 1))
             left = int(rng.integers(0, width - w + 1))
             return top, left, h, w
-    # Fallback: centre crop with the ratio clipped into range.
+    return centre_box(height, width, ratio)
+
+
+def centre_box(height: int, width: int, ratio) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of the centre crop with the aspect ratio clipped into `ratio` (the
+    fallback of random_resized_crop_box)."""
     in_ratio = width / height
     if in_ratio < ratio[0]:
         w, h = width, int(round(width / ratio[0]))
@@ -245,7 +265,10 @@ def random_resized_crop_box(rng: np.random.Generator, height: int, width: int, s
 
 
 # Augmentation defaults shared by the window datasets (AttMask's: no colour jitter, no flip).
-AUGMENTATION = {"blur_sigma": [0.1, 1.0], "erode_p": 0.5, "dilate_p": 0.5, "window_overlap": 0.5, "min_ink": 0.01}
+# augment_on: workers = per sample with OpenCV in the loader workers (WindowDataset.crop); device =
+# raw windows, augmented as a batch by the trainer (augment.py).
+AUGMENTATION = {"blur_sigma": [0.1, 1.0], "erode_p": 0.5, "dilate_p": 0.5, "window_overlap": 0.5, "min_ink": 0.01,
+                "augment_on": "workers"}
 
 
 class WindowDataset(torch.utils.data.Dataset):
@@ -277,6 +300,10 @@ class WindowDataset(torch.utils.data.Dataset):
         bits = np.unpackbits(packed[y:y + w, b0:b1], axis=1)
         off = x - 8 * b0
         return bits[:, off:off + w]  # uint8 0/1
+
+    def raw_window(self, i: int) -> torch.Tensor:
+        """Window i as a uint8 tensor [H, W], for augmentation on the trainer's device."""
+        return torch.from_numpy(np.ascontiguousarray(self.window_at(int(i))))
 
     def crop(self, rng, win, size, scale, blur_p) -> np.ndarray:
         """Random resized crop, 3x3 erosion / dilation, resize to size x size, Gaussian blur: float32 [size, size]."""

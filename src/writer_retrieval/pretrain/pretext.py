@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..vit import build_backbone, forward_tokens, to_input
+from .augment import BatchAugmenter, on_device
 from .loop import AUGMENTATION, NetTrainer, WindowDataset, page_windows, train
 
 TASKS = ("flip", "rotation", "jigsaw", "sorting")
@@ -57,22 +58,23 @@ def permutation_set(n: int, limit: int, seed: int = 0) -> np.ndarray:
 
 
 def tile_grid(shape: tuple[int, int], task: str, s: dict) -> tuple[int, int]:
-    """(rows, columns) of tiles of a task on an image of `shape`."""
+    """(rows, columns) of tiles of a task on an image of `shape` (its last two axes)."""
     grid = (int(s["jigsaw_grid"]),) * 2 if task == "jigsaw" else (1, int(s["sorting_strips"]))
+    shape = shape[-2:]
     if shape[0] % grid[0] or shape[1] % grid[1]:
         raise InputError(f"pretext {task}: crop {shape[1]}x{shape[0]} does not split into {grid[1]}x{grid[0]} tiles")
     return grid
 
 
-def shuffle_tiles(img: np.ndarray, grid: tuple[int, int], perm) -> np.ndarray:
-    """Output tile j (row-major) = input tile perm[j]."""
+def shuffle_tiles(img, grid: tuple[int, int], perm):
+    """Output tile j (row-major) = input tile perm[j], over the last two axes (array or tensor)."""
     rows, cols = grid
-    th, tw = img.shape[0] // rows, img.shape[1] // cols
-    tiles = [img[r * th:(r + 1) * th, c * tw:(c + 1) * tw] for r in range(rows) for c in range(cols)]
-    out = np.empty_like(img)
+    th, tw = img.shape[-2] // rows, img.shape[-1] // cols
+    tiles = [img[..., r * th:(r + 1) * th, c * tw:(c + 1) * tw] for r in range(rows) for c in range(cols)]
+    out = img.copy() if isinstance(img, np.ndarray) else img.clone()
     for j, src in enumerate(perm):
         r, c = divmod(j, cols)
-        out[r * th:(r + 1) * th, c * tw:(c + 1) * tw] = tiles[int(src)]
+        out[..., r * th:(r + 1) * th, c * tw:(c + 1) * tw] = tiles[int(src)]
     return out
 
 
@@ -101,9 +103,25 @@ class PretextTask:
             return np.ascontiguousarray(np.rot90(img, label))
         return shuffle_tiles(img, tile_grid(img.shape, self.task, self.s), self.perms[label])
 
+    def apply_batch(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`apply` on a batch [N, 1, H, W] on its device: image i transformed by labels[i] (CPU)."""
+        out = images.clone()
+        for label in labels.unique().tolist():
+            pick = (labels == label).to(images.device)
+            x = images[pick]
+            if self.task == "flip":
+                x = x if label == 0 else x.flip(-1 if label == 1 else -2)
+            elif self.task == "rotation":
+                x = torch.rot90(x, label, dims=(-2, -1))
+            else:
+                x = shuffle_tiles(x, tile_grid(x.shape, self.task, self.s), self.perms[label])
+            out[pick] = x
+        return out
+
 
 class PretextDataset(WindowDataset):
-    """Item i -> (transformed crop [1, S, S], label) with the label drawn uniformly per sample."""
+    """Item i -> (transformed crop [1, S, S], label) with the label drawn uniformly per sample;
+    with augment_on: device (raw window [H, W] uint8, label), cropped and transformed by the trainer."""
 
     def __init__(self, pages, index, settings: dict, task: PretextTask):
         super().__init__(pages, index, settings)
@@ -112,6 +130,8 @@ class PretextDataset(WindowDataset):
     def __getitem__(self, i):
         s = self.s
         rng = self.rng_for(i)
+        if on_device(s):
+            return self.raw_window(i), torch.tensor(int(rng.integers(self.task.n_classes)))
         img = self.crop(rng, self.window_at(int(i)), int(s["crop_size"]), s["crop_scale"], s["blur_p"])
         label = int(rng.integers(self.task.n_classes))
         return to_input(self.task.apply(img, label)), torch.tensor(label)
@@ -131,16 +151,28 @@ class PretextTrainer(NetTrainer):
     loss_keys = ("loss", "accuracy", "chance")  # chance: the accuracy of guessing (1 / classes)
 
     def __init__(self, s: dict, n_classes: int, device: torch.device, niter_per_epoch: int, world_size: int = 1,
-                 ddp: bool = False):
-        backbone = build_backbone(s["model"], seed=int(s["seed"]))
+                 ddp: bool = False, rank: int = 0, task: PretextTask | None = None):
+        backbone = build_backbone(s["model"], seed=int(s["seed"]), init=s.get("init"))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(s["seed"]) + 1)
             net = PretextNet(backbone, n_classes)
         super().__init__(net, s, device, niter_per_epoch, world_size, ddp, scale_lr=True)
         self.chance = 1.0 / n_classes
+        self.rank, self.task = int(rank), task  # the task transforms the batch with augment_on: device
+
+    def prepare(self, batch, it: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) on the device; with augment_on: device cropped, augmented and transformed here."""
+        nb = self.device.type == "cuda"
+        images, labels = batch
+        if on_device(self.s):
+            s = self.s
+            crops = BatchAugmenter(images, s, it, self.rank, self.device).crops(1, int(s["crop_size"]),
+                                                                                s["crop_scale"], s["blur_p"])
+            images = self.task.apply_batch(crops[:, 0], labels)
+        return images.to(self.device, non_blocking=nb), labels.to(self.device, non_blocking=nb)
 
     def step(self, batch, it: int, epoch: int) -> dict:
-        images, labels = (t.to(self.device, non_blocking=self.device.type == "cuda") for t in batch)
+        images, labels = self.prepare(batch, it)
         scheduled = self.opt.set_iteration(it)
         with self.opt.autocast():
             logits = self.net_ddp(images)
@@ -175,6 +207,6 @@ def pretrain_pretext(page_masks: list[str], settings: dict, out_dir, *, device: 
         tile_grid((int(s["crop_size"]),) * 2, s["method"], s)  # the crop must split into whole tiles
     pages, index = page_windows(page_masks, s, progress)
     return train(PretextDataset(pages, index, s, task), s, out_dir,
-                 lambda dev, niter, ws, rank, ddp: PretextTrainer(s, task.n_classes, dev, niter, ws, ddp),
+                 lambda dev, niter, ws, rank, ddp: PretextTrainer(s, task.n_classes, dev, niter, ws, ddp, rank, task),
                  device=device, progress=progress, stop_after_epochs=stop_after_epochs, cap=int(s["max_windows"]),
                  name=s["method"])

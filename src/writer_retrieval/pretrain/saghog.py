@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ..devices import resolve_device
 from ..errors import InputError
+from ..vit import load_checked
 from .loop import NetTrainer, train
 
 log = logging.getLogger("writer_retrieval")
@@ -153,9 +154,7 @@ def build_encoder(model: dict, seed: int | None = None) -> nn.Module:
 def load_encoder(path, model: dict, device="cpu") -> nn.Module:
     """The encoder saved by `pretrain_saghog` (backbone.pt), in eval mode on `device`."""
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    net = build_encoder(model)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    net.load_state_dict(state)
+    net = load_checked(build_encoder(model), path)
     net.pos_embed.requires_grad_(False)
     return net.to(dev).eval()
 
@@ -343,6 +342,8 @@ class SaghogTrainer(NetTrainer):
     def __init__(self, s: dict, device: torch.device, niter_per_epoch: int, world_size: int = 1, ddp: bool = False,
                  rank: int = 0):
         net = SaghogMAE(s["model"], bins=int(s["hog_bins"]), seed=int(s["seed"]))
+        if s.get("init"):  # start from a checkpoint's encoder (the decoder starts afresh)
+            load_checked(net.encoder, s["init"])
         super().__init__(net, s, device, niter_per_epoch, world_size, ddp, scale_lr=False)
         self.rank = int(rank)
 
