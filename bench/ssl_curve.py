@@ -236,6 +236,7 @@ def score(config: dict, workdir: Path, kept: Path, out: Path, features: list[str
         snakemake(workdir, cfg)
         shutil.copy(workdir / "results" / "benchmark.parquet", workdir / f"benchmark-{dataset}.parquet")
     table, sift = curve_table(config, workdir, snapshots)
+    out.mkdir(parents=True, exist_ok=True)
     table.to_parquet(out / "curve.parquet", index=False)
     lines = [f"SIFT + VLAD: " + ", ".join(f"{d} {m:.3f}" for d, m in sorted(sift.items())), "",
              table.to_markdown(index=False, floatfmt=".3f")]
