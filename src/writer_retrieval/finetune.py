@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from .devices import resolve_device
 from .errors import InputError
 from .normalise import power_l2
-from .pretrain.loop import LOG_TABLE, NetTrainer, _param_groups, all_reduce_mean, train
-from .pretrain.saghog import PatchDataset, build_encoder, load_encoder, mask_generator, model_with_defaults
+from .pretrain.loop import (LOG_TABLE, NetTrainer, _param_groups, all_reduce_mean, dilate, erode, seeded_generator,
+                            train)
+from .pretrain.saghog import PatchDataset, build_encoder, load_encoder, model_with_defaults
 from .retrieval import evaluate
 from .storage import write_parquet
 from .vlad import fit_codebook
@@ -237,10 +238,8 @@ def erode_dilate(patches: torch.Tensor, erode_p: float, dilate_p: float, generat
     """Per patch [B, 1, H, W] (ink 1): 3x3 erosion with probability erode_p, then 3x3 dilation with
     probability dilate_p; the draws come from the CPU `generator` (device-independent)."""
     draws = torch.rand(2, len(patches), generator=generator).to(patches.device)
-    eroded = -F.max_pool2d(-patches, 3, stride=1, padding=1)  # max_pool pads with -inf: no border ink
-    x = torch.where((draws[0] < erode_p)[:, None, None, None], eroded, patches)
-    dilated = F.max_pool2d(x, 3, stride=1, padding=1)
-    return torch.where((draws[1] < dilate_p)[:, None, None, None], dilated, x)
+    x = torch.where((draws[0] < erode_p)[:, None, None, None], erode(patches), patches)
+    return torch.where((draws[1] < dilate_p)[:, None, None, None], dilate(x), x)
 
 
 def encoded(forward, dataset, batch_size: int, device: torch.device):
@@ -370,7 +369,7 @@ class FinetuneTrainer(NetTrainer):
         scheduled = self.opt.set_iteration(it)
         apply_group_scales(self.opt.optimizer, scheduled)
         patches = erode_dilate(patches, float(self.s["erode_p"]), float(self.s["dilate_p"]),
-                               mask_generator(self.s["seed"], it, self.rank))
+                               seeded_generator(self.s["seed"], it, self.rank))
         loss, valid = self.loss(patches, labels)
         self.opt.step(loss, it)
         row = {"loss": loss.item(), "valid_anchors": valid, **scheduled}

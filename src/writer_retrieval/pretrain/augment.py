@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from .loop import centre_box
+from .loop import centre_box, dilate, erode, seeded_generator
 
 MODES = ("workers", "device")
 # Stream tag of the augmentation's seed, apart from the masks' (seed, iteration, rank, 2).
@@ -39,24 +39,6 @@ def on_device(s: dict) -> bool:
     if mode not in MODES:
         raise InputError(f"pretrain settings: augment_on {mode!r} not in {', '.join(MODES)}")
     return mode == "device"
-
-
-def augment_generator(seed: int, iteration: int, rank: int = 0) -> torch.Generator:
-    """A CPU generator seeded by (seed, iteration, rank)."""
-    state = np.random.SeedSequence([int(seed), int(iteration), int(rank), STREAM]).generate_state(2, np.uint32)
-    generator = torch.Generator()
-    generator.manual_seed(int(state[0]) << 32 | int(state[1]))
-    return generator
-
-
-def dilate(x: torch.Tensor) -> torch.Tensor:
-    """3x3 dilation of [N, C, H, W]; pixels outside the image are ignored (as cv2.dilate's border)."""
-    return F.max_pool2d(x, 3, stride=1, padding=1)
-
-
-def erode(x: torch.Tensor) -> torch.Tensor:
-    """3x3 erosion of [N, C, H, W]; pixels outside the image are ignored (as cv2.erode's border)."""
-    return -F.max_pool2d(-x, 3, stride=1, padding=1)
 
 
 def morphology_variants(windows: torch.Tensor) -> torch.Tensor:
@@ -108,7 +90,7 @@ class BatchAugmenter:
 
     def __init__(self, windows: torch.Tensor, s: dict, iteration: int, rank: int, device: torch.device):
         self.s = s
-        self.generator = augment_generator(s["seed"], iteration, rank)
+        self.generator = seeded_generator(s["seed"], iteration, rank, STREAM)
         self.variants = morphology_variants(windows.to(device, non_blocking=device.type == "cuda"))
 
     def crops(self, n_crops: int, size: int, scale, blur_p: float) -> torch.Tensor:

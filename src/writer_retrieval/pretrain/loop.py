@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..devices import resolve_device
 from ..errors import InputError
@@ -262,6 +263,25 @@ def centre_box(height: int, width: int, ratio) -> tuple[int, int, int, int]:
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
+
+
+def seeded_generator(seed: int, iteration: int, rank: int = 0, *stream: int) -> torch.Generator:
+    """A CPU generator seeded by (seed, iteration, rank[, stream]): the same draws on any device and
+    after a resume."""
+    state = np.random.SeedSequence([int(seed), int(iteration), int(rank), *stream]).generate_state(2, np.uint32)
+    generator = torch.Generator()
+    generator.manual_seed(int(state[0]) << 32 | int(state[1]))
+    return generator
+
+
+def dilate(x: torch.Tensor) -> torch.Tensor:
+    """3x3 dilation of [N, C, H, W]; pixels outside the image are ignored (as cv2.dilate's border)."""
+    return F.max_pool2d(x, 3, stride=1, padding=1)
+
+
+def erode(x: torch.Tensor) -> torch.Tensor:
+    """3x3 erosion of [N, C, H, W]; pixels outside the image are ignored (as cv2.erode's border)."""
+    return -F.max_pool2d(-x, 3, stride=1, padding=1)
 
 
 # Augmentation defaults shared by the window datasets (AttMask's: no colour jitter, no flip).

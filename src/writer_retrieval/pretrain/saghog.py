@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..devices import resolve_device
 from ..errors import InputError
 from ..vit import load_checked
-from .loop import NetTrainer, train
+from .loop import NetTrainer, seeded_generator, train
 
 log = logging.getLogger("writer_retrieval")
 
@@ -176,14 +176,6 @@ def random_masking(batch: int, n_tokens: int, ratio: float, generator: torch.Gen
     mask[:, :keep] = False
     mask = torch.gather(mask, 1, ids_restore)
     return ids_shuffle[:, :keep].to(device), ids_restore.to(device), mask.to(device)
-
-
-def mask_generator(seed: int, iteration: int, rank: int = 0) -> torch.Generator:
-    """A CPU generator seeded by (seed, iteration, rank)."""
-    state = np.random.SeedSequence([int(seed), int(iteration), int(rank)]).generate_state(2, np.uint32)
-    g = torch.Generator()
-    g.manual_seed(int(state[0]) << 32 | int(state[1]))
-    return g
 
 
 class SaghogMAE(nn.Module):
@@ -348,7 +340,7 @@ class SaghogTrainer(NetTrainer):
         self.rank = int(rank)
 
     def loss(self, patches: torch.Tensor, it: int) -> tuple[torch.Tensor, float]:
-        generator = mask_generator(self.s["seed"], it, self.rank)
+        generator = seeded_generator(self.s["seed"], it, self.rank)
         with self.opt.autocast():
             pred, mask = self.net_ddp(patches, float(self.s["mask_ratio"]), generator)
         target = hog_targets(patches, cell=self.net.patch_size, bins=int(self.s["hog_bins"]))
