@@ -24,7 +24,7 @@ from writer_retrieval.config import (
     settings_hash,
     validate_config,
 )
-from writer_retrieval.plan import KINDS, Plan, plain
+from writer_retrieval.plan import KINDS, Plan, plain, used_datasets
 
 min_version("9.0")
 
@@ -42,7 +42,9 @@ try:
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 
-DATASETS = sorted({exp["dataset"] for exp in config["experiments"]})
+DATASETS = used_datasets(
+    config
+)  # retrieved on, or trained on by another dataset's experiments
 RESULTS = "results"
 # Every stage variant of every experiment (folder names carry a hash of the result settings).
 PLAN = Plan(config)
@@ -63,6 +65,7 @@ CODE = {
         "embed_patches",
         "vlad",
         "pca",
+        "esvm",
         "rerank",
         "retrieval",
         "report",
@@ -91,6 +94,7 @@ localrules:
     embed_patches,
     patches,
     vlad,
+    esvm,
     report,
 
 
@@ -107,6 +111,7 @@ include: "rules/embed.smk"
 include: "rules/embed_patches.smk"
 include: "rules/vlad.smk"
 include: "rules/pca.smk"
+include: "rules/esvm.smk"
 include: "rules/rerank.smk"
 include: "rules/retrieval.smk"
 include: "rules/report.smk"

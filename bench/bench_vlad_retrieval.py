@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from writer_retrieval.retrieval import evaluate
+from writer_retrieval.metrics import evaluate
 from writer_retrieval.vlad import assign, encode, normalise
 
 

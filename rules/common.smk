@@ -102,11 +102,9 @@ def gpu_count(stage):
 
 
 def used_clusters(dataset):
-    """Pseudo-label folders of the SAGHOG extractors an experiment on `dataset` uses."""
-    names = {e.labels["features"] for e in PLAN.experiments if e.dataset == dataset}
-    return sorted(
-        {v.folder for f in names if (v := PLAN.of_feature("cluster", dataset, f))}
-    )
+    """Pseudo-label folders of the SAGHOG extractors the experiments use on `dataset` (the plan
+    holds only the stages experiments use)."""
+    return sorted(v.folder for v in PLAN.variants("cluster", dataset))
 
 
 def code_version_of(variant):
@@ -208,9 +206,7 @@ def get_main_masks(wc):
 def get_patch_shards(stage, *suffixes):
     def get_patch_shard_files(wc):
         variant = job_variant(stage, wc)
-        return shard_files(
-            PLAN.variant("patches", wc.dataset, variant.inputs["patches"]), *suffixes
-        )
+        return shard_files(PLAN.input_of(variant, "patches"), *suffixes)
 
     return get_patch_shard_files
 
@@ -321,13 +317,23 @@ def get_pooled(what):
     def get_pooled_files(wc):
         variant = job_variant("descriptors", wc)
         if variant.labels["aggregation"] == "vlad":
-            vlad = PLAN.variant("vlad", wc.dataset, variant.inputs["vlad"])
+            vlad = PLAN.input_of(variant, "vlad")
             return shard_files(vlad, {"vectors": "npy", "doc_ids": "parquet"}[what])
         features = features_variant_of("descriptors", wc)
         vectors, doc_ids = KINDS[features.labels["kind"]].pooled
         return shard_files(features, vectors if what == "vectors" else doc_ids)
 
     return get_pooled_files
+
+
+def get_fitted_whitening(wc):
+    """Cross-dataset transfer: the PCA fit on the train_on dataset's train split."""
+    variant = job_variant("descriptors", wc)
+    return (
+        [upstream("descriptors", wc, "whitening", "whitening.npz")]
+        if "whitening" in variant.inputs
+        else []
+    )
 
 
 def get_one_row_per_page(wc):
@@ -346,6 +352,23 @@ def get_descriptors(stage, name):
         return upstream(stage, wc, "descriptors", name)
 
     return get_descriptor_file
+
+
+def get_rerank_pages(wc):
+    """The index (pages of the documents) when the rerank graph leaves same-page documents out."""
+    graph = job_variant("rerank", wc).result["graph"]
+    return [f"{RESULTS}/{wc.dataset}/index.parquet"] if graph == "other_pages" else []
+
+
+# Used by rules/esvm.smk
+
+
+def get_esvm_negatives(wc):
+    """The descriptors whose train rows are the negatives: the dataset's own, or train_on's."""
+    role = (
+        "negatives" if "negatives" in job_variant("esvm", wc).inputs else "descriptors"
+    )
+    return upstream("esvm", wc, role, "descriptors.parquet")
 
 
 def get_reranked(wc):

@@ -1,5 +1,6 @@
 # Stage 5: one vector per page (VLAD of local descriptors, sum-pooled window [CLS] tokens, or SAGHOG's
-# summed patch encodings), PCA-whitened -> descriptors.parquet.
+# summed patch encodings), PCA-whitened (or not: aggregation.pca) -> descriptors.parquet; the fitted
+# PCA (whitening.npz) is what a transfer experiment (train_on) applies to another dataset.
 
 
 rule descriptors:
@@ -7,9 +8,11 @@ rule descriptors:
         index=f"{RESULTS}/{{dataset}}/index.parquet",
         vectors=get_pooled("vectors"),
         doc_ids=get_pooled("doc_ids"),
+        fitted=get_fitted_whitening,
     output:
         descriptors=f"{RESULTS}/{{dataset}}/descriptors/{{folder}}/descriptors.parquet",
         info=f"{RESULTS}/{{dataset}}/descriptors/{{folder}}/pca.json",
+        whitening=f"{RESULTS}/{{dataset}}/descriptors/{{folder}}/whitening.npz",
         settings=f"{RESULTS}/{{dataset}}/descriptors/{{folder}}/settings.json",
     log:
         f"{RESULTS}/{{dataset}}/logs/descriptors/{{folder}}.log",

@@ -5,6 +5,7 @@ rule report:
     input:
         metrics=experiment_files("metrics.parquet"),
         rankings=experiment_files("rankings.parquet"),
+        queries=experiment_files("queries.parquet"),
         indexes=[f"{RESULTS}/{e.dataset}/index.parquet" for e in PLAN.experiments],
         quality=[
             f"{RESULTS}/{d}/binarize/quality_summary.parquet"
@@ -31,5 +32,6 @@ rule report:
         code=CODE["report"],
         grid=[{"dataset": e.dataset, "folder": e.folder} for e in PLAN.experiments],
         settings=config["report"],
+        bootstrap=config["retrieval"]["bootstrap"],
     script:
         "../scripts/report.py"

@@ -1,10 +1,12 @@
 # Stage 6a: reranking of the test split's descriptors (kRNN, SGR, GNN) on sparse top-k graphs.
-# A reranker's own folder: changing its parameters reruns only reranking and scoring.
+# A reranker's own folder: changing its parameters reruns only reranking and scoring. With graph
+# other_pages (fragments, exclude_same page) same-page documents are not each other's neighbours.
 
 
 rule rerank:
     input:
         descriptors=get_descriptors("rerank", "descriptors.parquet"),
+        index=get_rerank_pages,
     output:
         reranked=f"{RESULTS}/{{dataset}}/rerank/{{folder}}/reranked.npz",
         settings=f"{RESULTS}/{{dataset}}/rerank/{{folder}}/settings.json",

@@ -1,4 +1,5 @@
-# Stage 6: leave-one-out retrieval on the test split, metrics and top-k rankings per experiment.
+# Stage 6: leave-one-out retrieval on the test split: metrics with writer-bootstrap CIs, the per-query
+# table and the top-k rankings per experiment.
 # The metrics row carries the device and per-stage seconds of its path (from the stages' settings.json).
 
 
@@ -6,12 +7,12 @@ rule retrieval:
     input:
         index=f"{RESULTS}/{{dataset}}/index.parquet",
         descriptors=get_descriptors("experiment", "descriptors.parquet"),
-        pca=get_descriptors("experiment", "pca.json"),
         reranked=get_reranked,
         path_settings=get_path_settings,
     output:
         rankings=f"{RESULTS}/{{dataset}}/experiments/{{folder}}/rankings.parquet",
         metrics=f"{RESULTS}/{{dataset}}/experiments/{{folder}}/metrics.parquet",
+        queries=f"{RESULTS}/{{dataset}}/experiments/{{folder}}/queries.parquet",
         settings=f"{RESULTS}/{{dataset}}/experiments/{{folder}}/settings.json",
     log:
         f"{RESULTS}/{{dataset}}/logs/experiments/{{folder}}.log",

@@ -17,4 +17,5 @@ if __name__ == "__main__":
                 pooled.update(sum_pooled_cls(cls_path, index_path))
             doc_ids = list(pooled)
             vectors = np.stack([pooled[d] for d in doc_ids])
-        whiten(doc_ids, vectors, sm.input.index, job.settings, sm.output.descriptors, sm.output.info)
+        whiten(doc_ids, vectors, sm.input.index, job.settings, sm.output.descriptors, sm.output.info,
+               model_path=sm.output.whitening, fitted_path=sm.input.fitted[0] if sm.input.fitted else None)

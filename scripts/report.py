@@ -4,17 +4,22 @@ import json
 import pandas as pd
 
 from writer_retrieval.logs import stage_logging
-from writer_retrieval.report import bar_chart, collect_benchmark, loss_curves, write_report
+from writer_retrieval.report import bar_chart, collect_benchmark, loss_curves, rerank_graph_table, write_report
 from writer_retrieval.training_health import health_table
 
 if __name__ == "__main__":
     sm = snakemake
     with stage_logging(sm.log[0], sm.rule):
-        table = collect_benchmark(list(sm.input.metrics), sm.output.benchmark)
+        table = collect_benchmark(list(sm.input.metrics), list(sm.input.queries), sm.output.benchmark,
+                                  dict(sm.params.settings["baseline"]), dict(sm.params.bootstrap))
         bar_chart(table, sm.output.chart)
         experiments = [{**g, "rankings": r, "index": i}
                        for g, r, i in zip(sm.params.grid, sm.input.rankings, sm.input.indexes)]
         extra = {}
+        graphs = rerank_graph_table(table)
+        if not graphs.empty:
+            extra["Fragments: rerank graph with all test documents, and without same-page documents (mAP %)"] = \
+                graphs.to_html(index=False, border=0, float_format=lambda v: f"{v:.2f}")
         for path in sm.input.quality:
             dataset = path.split("/")[-3]
             extra[f"{dataset}: binarization quality against ground truth"] = pd.read_parquet(path).to_html(

@@ -1,6 +1,4 @@
 """Glue for rule `retrieval`: see writer_retrieval.retrieval.run_experiment."""
-import json
-
 import faiss
 
 from writer_retrieval.jobs import stage_job
@@ -12,8 +10,7 @@ if __name__ == "__main__":
     sm = snakemake
     faiss.omp_set_num_threads(sm.threads)
     with stage_job(sm, "experiment") as job:
-        pca = json.loads(open(sm.input.pca).read())
-        labels = {**sm.params.labels, "pca_fit_on": pca["pca_fit_on"], "code_version": sm.params.code_version,
+        labels = {**sm.params.labels, "code_version": sm.params.code_version,
                   **path_columns(sm.input.path_settings, [s for s in STAGE_DIRS if s != "experiment"])}
         run_experiment(sm.input.descriptors, sm.input.index, labels, job.settings, sm.output.rankings,
-                       sm.output.metrics, reranked_path=sm.input.reranked[0] if sm.input.reranked else None)
+                       sm.output.metrics, sm.output.queries, reranked_path=sm.input.reranked[0] if sm.input.reranked else None)

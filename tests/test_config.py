@@ -26,7 +26,7 @@ def test_defaults_are_filled_from_the_schema():
 @pytest.mark.parametrize("cfg,expected", [
     (base(preprocess={"windw": 41}),
      "unknown key 'preprocess.windw' (did you mean 'window'?). Allowed keys in 'preprocess': compare, k, method, sam, window"),
-    (base(bogus=1), "unknown key 'bogus'. Allowed keys in the top level: aggregation, datasets, experiments, features,"),
+    (base(bogus=1), "unknown key 'bogus'. Allowed keys in the top level: aggregation, datasets, esvm, experiments, features,"),
     (base(preprocess={"method": "niblack"}),
      "'preprocess.method' = 'niblack' is not allowed; allowed: otsu, sauvola, sam, sam+otsu, sam+sauvola"),
     (base(preprocess={"method": "sam+sauvola"}), "preprocess.sam.checkpoint"),

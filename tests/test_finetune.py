@@ -12,7 +12,7 @@ from writer_retrieval import finetune as FT
 from writer_retrieval.errors import InputError
 from writer_retrieval.normalise import power_l2
 from writer_retrieval.pretrain import saghog as S
-from writer_retrieval.retrieval import evaluate
+from writer_retrieval.metrics import evaluate
 from writer_retrieval.storage import write_parquet
 
 # Train pages a..f of writers w1..w3 (two pages each), test page g of w4.

@@ -62,7 +62,8 @@ def test_execution_paths_follow_the_extractor_kind(demo):
     assert ("features", "attmask-vit", "pretrain", "num_workers") in paths
     assert ("features", "saghog-ft", "finetune", "num_workers") in paths
     assert ("features", "random-vit", "device") in paths and ("preprocess", "sam", "device") in paths
-    assert not any(p[:2] == ("features", "sift") for p in paths)  # SIFT runs on the CPU, nothing to mark
+    # SIFT runs on the CPU: only its aggregation block's encoding chunk is marked
+    assert {p for p in paths if p[:2] == ("features", "sift")} == {("features", "sift", "aggregation", "chunk_size")}
     assert ("features", "attmask-vit", "pretrain", "epochs") not in paths
 
 

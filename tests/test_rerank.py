@@ -4,8 +4,8 @@ import pytest
 import scipy.sparse as sp
 
 from writer_retrieval.errors import InputError
-from writer_retrieval.rerank import gnn, krnn, sgr
-from writer_retrieval.retrieval import evaluate
+from writer_retrieval.rerank import gnn, krnn, neighbours, rerank, rerank_test_split, sgr
+from writer_retrieval.metrics import evaluate
 
 
 def l2(x):
@@ -19,12 +19,25 @@ def clustered(n, dim=32, per_writer=4, noise=0.9, seed=0):
     return l2(x).astype(np.float32), writers
 
 
+def fragments(n_writers=8, pages=2, frags=3, dim=16, page_noise=0.4, frag_noise=0.05, seed=0):
+    """Fragment data: each writer's pages scattered around the writer, each page's fragments
+    near-identical (siblings far closer than the writer's other page). (x, writers, pages)."""
+    rng = np.random.default_rng(seed)
+    writers = np.repeat(np.arange(n_writers), pages * frags)
+    page_of = np.repeat(np.arange(n_writers * pages), frags)
+    centres = rng.normal(size=(n_writers, dim))[np.arange(n_writers * pages) // pages]
+    page_vectors = l2(centres + page_noise * rng.normal(size=centres.shape))
+    x = page_vectors[page_of] + frag_noise * rng.normal(size=(len(page_of), dim))
+    return l2(x).astype(np.float32), writers, page_of
+
+
 # ---- dense references, straight from the published formulas (../shared/docs/methods.md)
 
-def dense_krnn(x, k):
+def dense_krnn(x, k, groups=None):
     s = x @ x.T
     n = len(x)
-    nk = [[j for j in np.argsort(-s[i], kind="stable") if j != i][:k] for i in range(n)]
+    other = np.ones((n, n), bool) if groups is None else groups[:, None] != groups[None, :]
+    nk = [[j for j in np.argsort(-s[i], kind="stable") if j != i and other[i, j]][:k] for i in range(n)]
     out = np.empty_like(x)
     for i in range(n):
         r = [j for j in nk[i] if i in nk[j]]
@@ -32,23 +45,29 @@ def dense_krnn(x, k):
     return l2(out)
 
 
-def dense_sgr(x, k, layers, gamma):
+def dense_sgr(x, k, layers, gamma, groups=None):
+    """groups: A0 = 0 on same-group pairs i != j, and those columns are never among a row's k strongest."""
     s = (x @ x.T).astype(np.float64)
     a = np.exp(-((1 - s) ** 2) / gamma)
+    n = len(x)
+    same = np.zeros((n, n), bool) if groups is None else (groups[:, None] == groups[None, :]) & ~np.eye(n, dtype=bool)
+    a[same] = 0.0
     for _ in range(layers):
         a = (a + a.T) / 2
         new = np.empty_like(a)
         for i in range(len(a)):
-            nbrs = np.argsort(-a[i], kind="stable")[: k + 1][1:]
+            nbrs = np.argsort(-np.where(same[i], -np.inf, a[i]), kind="stable")[: k + 1][1:]
             new[i] = a[i] + sum(s[i, j] * a[:, j] for j in nbrs)
         a = l2(new)  # every row from the previous layer's A, never updated in place
     return a
 
 
-def dense_gnn(x, k1, k2, layers):
+def dense_gnn(x, k1, k2, layers, groups=None):
     s = (x @ x.T).astype(np.float64)
     n = len(x)
     order = np.argsort(-s, axis=1, kind="stable")
+    if groups is not None:  # the row itself, then the best documents of other groups
+        order = np.array([[i] + [j for j in order[i] if groups[j] != groups[i]][: max(k1, k2)] for i in range(n)])
     a = np.zeros((n, n))
     for i in range(n):
         a[i, order[i, : k1 + 1]] = 1.0
@@ -181,3 +200,136 @@ def test_reranked_files_round_trip(tmp_path):
         assert ids.tolist() == doc_ids.tolist()
         np.testing.assert_array_equal(dense(back), dense(rows).astype(dense(back).dtype))  # GNN: stored as float32
         assert isinstance(back, SparseLowRank) == (name == "sgr")
+
+
+# ---- same-page exclusion (groups / settings graph: other_pages)
+
+SETTINGS = [{"method": "krnn", "k": 2}, {"method": "sgr", "k": 2, "layers": 2, "gamma": 0.5, "m": 10},
+            {"method": "gnn", "k1": 1, "k2": 2, "layers": 2, "m": 8}]
+
+
+def parts(out):
+    """Every array that makes up a reranker's output, for bit-for-bit comparison."""
+    if hasattr(out, "u"):
+        return [*parts(out.t), out.u, out.v]
+    if sp.issparse(out):
+        out = out.tocsr()
+        out.sort_indices()
+        return [out.indptr, out.indices, out.data]
+    return [out]
+
+
+def assert_identical(a, b):
+    pa_, pb = parts(a), parts(b)
+    assert len(pa_) == len(pb)
+    for u, v in zip(pa_, pb):
+        assert u.dtype == v.dtype and np.array_equal(u, v)
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: s["method"])
+def test_no_groups_and_singleton_groups_give_the_unrestricted_output(settings):
+    x, _ = clustered(120)
+    x[5] = x[6] = x[4]  # duplicates: the row-first and tie paths of neighbours()
+    direct = {"krnn": lambda: krnn(x, 2), "sgr": lambda: sgr(x, 2, 2, 0.5, 10),
+              "gnn": lambda: gnn(x, 1, 2, 2, 8)}[settings["method"]]()
+    assert_identical(rerank(x, settings), direct)
+    assert_identical(rerank(x, settings, groups=None), direct)
+    assert_identical(rerank(x, settings, groups=np.arange(120)[::-1] * 3), direct)  # any labels, one per document
+
+
+def test_neighbours_with_groups_are_the_exact_best_of_other_groups():
+    x, _ = clustered(200)
+    groups = np.random.default_rng(1).integers(0, 60, 200)  # uneven groups, sizes 0..~9
+    s = x @ x.T
+    for k in (1, 2, 10):
+        scores, idx = neighbours(x, k, groups)
+        assert idx.shape == (200, k) and (idx[:, 0] == np.arange(200)).all()
+        np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-6)
+        assert (groups[idx[:, 1:]] != groups[:, None]).all()
+        other = np.where(groups[:, None] != groups[None, :], s, -np.inf)
+        best = -np.sort(-other, axis=1)[:, : k - 1]
+        np.testing.assert_allclose(scores[:, 1:], best, atol=1e-5)  # exact: the k-1 best others, in order
+        np.testing.assert_allclose(np.take_along_axis(s, idx[:, 1:], 1), scores[:, 1:], atol=1e-5)
+    with pytest.raises(ValueError, match="one entry per document"):
+        neighbours(x, 3, groups[:-1])
+
+
+def test_fragment_neighbours_are_siblings_without_groups_and_other_pages_with():
+    x, writers, pages = fragments()
+    _, idx = neighbours(x, 3)  # kRNN k = 2 and GNN max(k1, k2) = 2 lists
+    assert (pages[idx[:, 1:]] == pages[:, None]).all()  # unrestricted: both neighbours are siblings
+    _, idx = neighbours(x, 3, pages)
+    assert not (pages[idx[:, 1:]] == pages[:, None]).any()
+    assert (writers[idx[:, 1:]] == writers[:, None]).all()  # the writer's other page comes next
+    _, idx = neighbours(x, 100, pages)  # capped: every document outside the row's page
+    assert idx.shape == (48, 46) and not (pages[idx[:, 1:]] == pages[:, None]).any()
+
+
+def test_fragment_rerankers_with_groups_move_toward_the_writers_other_page():
+    x, writers, pages = fragments()
+    target = (writers[:, None] == writers[None, :]) & (pages[:, None] != pages[None, :])
+    before = (x @ x.T)[target].mean()
+    unrestricted, grouped = krnn(x, 2), krnn(x, 2, pages)
+    np.testing.assert_allclose(grouped, dense_krnn(x, 2, pages), atol=1e-5)
+    # kRNN rows live in descriptor space: the query itself moves toward the other page's fragments.
+    assert (grouped @ x.T)[target].mean() > (unrestricted @ x.T)[target].mean() + 0.05
+    assert (grouped @ x.T)[target].mean() > before + 0.05
+    unrestricted, grouped = gnn(x, 1, 2, 1), gnn(x, 1, 2, 1, groups=pages)
+    np.testing.assert_allclose(grouped.toarray(), dense_gnn(x, 1, 2, 1, pages), atol=1e-6)
+    u, g = unrestricted.toarray(), grouped.toarray()
+    # Unrestricted GNN rows only hold the own page, so other-page scores vanish; with groups they do not.
+    assert (u @ u.T)[target].mean() < 0.05 < 0.5 < (g @ g.T)[target].mean()
+    a, _ = evaluate(unrestricted, writers, pages, exclude_same="page")
+    b, _ = evaluate(grouped, writers, pages, exclude_same="page")
+    assert b["map"] > a["map"] + 0.5
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_sgr_with_groups_equals_dense_reference_when_every_pair_is_kept(layers):
+    x, _, pages = fragments()
+    out = sgr(x, k=2, layers=layers, gamma=0.5, m=100, groups=pages)  # m >= N: T holds every other-page pair
+    np.testing.assert_allclose(dense(out), dense_sgr(x, 2, layers, 0.5, pages), atol=1e-6)
+
+
+def test_sgr_with_groups_cancels_the_background_on_same_group_pairs():
+    x, _, pages = fragments(n_writers=100, frags=4, dim=32, page_noise=0.8, frag_noise=0.06)
+    a0 = dense(sgr(x, k=2, layers=0, gamma=0.5, m=20, groups=pages))  # no layer: A0 itself
+    same = (pages[:, None] == pages[None, :]) & ~np.eye(len(x), dtype=bool)
+    np.testing.assert_allclose(a0[same], 0.0, atol=1e-6)
+    np.testing.assert_allclose(np.diag(a0), 1.0, atol=1e-6)
+
+
+def test_sgr_with_groups_sparse_low_rank_matches_dense_map():
+    x, writers, pages = fragments(n_writers=100, frags=4, dim=32, page_noise=0.8, frag_noise=0.06)
+    sparse_m, _ = evaluate(sgr(x, k=2, layers=2, gamma=0.4, m=100, groups=pages), writers, pages, "page")
+    dense_m, _ = evaluate(dense_sgr(x, 2, 2, 0.4, pages).astype(np.float32), writers, pages, "page")
+    assert abs(sparse_m["map"] - dense_m["map"]) <= 0.002, (sparse_m["map"], dense_m["map"])
+
+
+def test_rerank_test_split_reads_pages_for_graph_other_pages(tmp_path):
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from writer_retrieval.lowrank import SparseLowRank
+    from writer_retrieval.pca import descriptor_table
+    from writer_retrieval.storage import read_reranked
+
+    x, writers, pages = fragments()
+    index = pd.DataFrame({"doc_id": [f"d{i}" for i in range(len(x))], "writer": writers.astype(str),
+                          "page": [f"p{q}" for q in pages], "split": np.where(writers < 6, "test", "train")})
+    pq.write_table(descriptor_table(index.doc_id, index, x), tmp_path / "descriptors.parquet")
+    index.to_parquet(tmp_path / "index.parquet")
+    test = writers < 6
+    for graph in ("all", "other_pages", None):
+        settings = {"method": "gnn", "k1": 1, "k2": 2, "layers": 1, "m": 8, **({"graph": graph} if graph else {})}
+        rerank_test_split(tmp_path / "descriptors.parquet", settings, tmp_path / "out.npz", tmp_path / "index.parquet")
+        ids, rows = read_reranked(tmp_path / "out.npz", SparseLowRank)
+        assert ids.tolist() == index.doc_id[test].tolist()
+        expected = rerank(x[test], settings, pages[test] if graph == "other_pages" else None)
+        np.testing.assert_array_equal(rows.toarray(), expected.toarray().astype(np.float32))
+    settings["graph"] = "other_pages"
+    with pytest.raises(ValueError, match="other_pages needs the dataset index"):
+        rerank_test_split(tmp_path / "descriptors.parquet", settings, tmp_path / "out.npz")
+    settings["graph"] = "pages"
+    with pytest.raises(ValueError, match="unknown rerank graph"):
+        rerank_test_split(tmp_path / "descriptors.parquet", settings, tmp_path / "out.npz", tmp_path / "index.parquet")

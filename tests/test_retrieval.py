@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from writer_retrieval.retrieval import evaluate, expected_random_ap
+from writer_retrieval.metrics import evaluate, expected_random_ap
 
 S = np.float32(1 / math.sqrt(2))
 # Six documents whose pairwise scores tie exactly (the same products in the same order):

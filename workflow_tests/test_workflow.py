@@ -15,6 +15,7 @@ from PIL import Image
 from writer_retrieval.imaging import read_mask
 
 from rerun_cases import CASES, job_counts
+from studies import STUDIES, study_config
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -104,7 +105,8 @@ def test_adding_an_experiment_runs_only_its_new_jobs(tiny_run, tmp_path):
         cfg["experiments"].append({"dataset": "tiny", "rerank": ["none", "krnn"], "exclude_same": "page"})
 
     jobs = dry_run_jobs(tiny_run, tmp_path, add)
-    assert jobs == {"retrieval": 2, "report": 1, "all": 1}
+    # kRNN twice: on all test documents, and with same-page documents out of the graph
+    assert jobs == {"rerank": 1, "retrieval": 3, "report": 1, "all": 1}
 
 
 def workflow_copy(tmp_path) -> Path:
@@ -194,8 +196,11 @@ def test_benchmark_outputs_and_schemas(tiny_run):
     desc = pd.read_parquet(desc_path)
     assert len(desc) == 30 and set(desc.split) == {"train", "test"}
     vectors = np.stack(desc.descriptor.to_numpy())
-    # 12 train pages: PCA keeps at most 11 dims; rows are L2-normalised.
-    assert vectors.shape[1] <= 11 and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    # 12 train pages: PCA models at most 11 components; shrinkage whitening keeps the 32 x 128 VLAD
+    # dimensions (the rest of the space at the target scale); rows are L2-normalised.
+    pca = json.loads((desc_path.parent / "pca.json").read_text())
+    assert pca["pca"] == "shrink" and pca["pca_dims"] <= 11
+    assert vectors.shape[1] == 32 * 128 and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
 
     (exp,) = res.glob("tiny/experiments/sift-vlad-none-*")
     rankings = pd.read_parquet(exp / "rankings.parquet")
@@ -344,10 +349,89 @@ def test_saghog_and_pretext_features_end_to_end(ssl_run):
 
 
 # --------------------------------------------------------------------------------------------
+# The shipped studies (sweeps, transfer) and the measurement rows (E-SVM, CIs, paired comparisons)
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("studies")
+    path = workdir / "studies.yaml"
+    path.write_text(yaml.safe_dump(study_config(workdir)))
+    proc = snakemake(workdir, path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return workdir
+
+
+def test_study_sweeps_train_once_per_pretraining_setting(study_run):
+    bench = pd.read_parquet(study_run / "results" / "benchmark.parquet")
+    tfg = bench[bench.features.str.startswith("tfg-attmask-vit.t_fg-")]
+    assert sorted(tfg.sweep) == [f"embed.t_fg={v}" for v in (0, 10, 20, 5, 50)]
+    assert (tfg.extractor == "tfg-attmask-vit").all()
+    masking = bench[bench.features.str.startswith("mask-attmask-vit.masking-")]
+    assert sorted(set(masking.features.str.rsplit("masking-", n=1).str[-1])) == ["attmask_high", "block", "random"]
+    # One AttMask run per masking; the t_fg sweep and the transfer study reuse the attmask_high one.
+    runs = [json.loads(p.read_text())["result"] for p in study_run.glob("results/tiny/pretrain/attmask-*/settings.json")]
+    assert sorted(r["masking"] for r in runs) == ["attmask_high", "block", "random"]
+
+
+def test_study_transfer_rows_fit_on_synthetic_and_retrieve_on_ahawp(study_run):
+    bench = pd.read_parquet(study_run / "results" / "benchmark.parquet")
+    ahawp = bench[bench.dataset == "ahawp"]
+    assert set(ahawp.train_on) == {"tiny", "ahawp"}
+    moved, own = (ahawp[ahawp.train_on == t].set_index(["features", "aggregation"]) for t in ("tiny", "ahawp"))
+    assert sorted(moved.index) == sorted(own.index) and len(moved) >= 3
+    assert (moved.n_queries == own.n_queries).all()
+    # The transfer rows' AHAWP embedding uses the network trained on the synthetic set; the own rows' not.
+    records = [json.loads(p.read_text()) for p in study_run.glob("results/ahawp/features/xfer-attmask-vit-*/settings.json")]
+    assert sorted(r["sources"].get("pretrain", "ahawp") for r in records) == ["ahawp", "tiny"]
+    moved_vlad = [json.loads(p.read_text()) for p in study_run.glob("results/ahawp/vlad/*/settings.json")]
+    assert {"codebook": "tiny", "features": "ahawp"} in [{**{"features": "ahawp"}, **r["sources"]} for r in moved_vlad]
+
+
+def test_study_rows_carry_confidence_intervals_and_paired_comparisons(study_run):
+    bench = pd.read_parquet(study_run / "results" / "benchmark.parquet")
+    assert ((bench.map_ci_low <= bench["map"]) & (bench["map"] <= bench.map_ci_high)).all()
+    assert ((bench.top1_ci_low <= bench.top1) & (bench.top1 <= bench.top1_ci_high)).all()
+    compared = bench[bench.baseline != ""]
+    assert set(compared.baseline) == {"sift/vlad/none/none"} and len(compared) == len(bench)
+    base = compared[(compared.features == "sift") & (compared.rerank == "none") & (compared.encoding == "none")]
+    assert (base.delta_map == 0).all() and (base.share_improved == 0).all()
+    # Hand check of one paired comparison from the two rows' per-query tables.
+    def queries(name):
+        for folder in study_run.glob(f"results/tiny/experiments/{name}-*"):
+            if pd.read_parquet(folder / "metrics.parquet").exclude_same.iloc[0] == "none":
+                return pd.read_parquet(folder / "queries.parquet").set_index("query_doc_id")
+
+    row = compared.set_index("features").loc["tfg-attmask-vit.t_fg-10"]
+    delta = queries("tfg-attmask-vit.t_fg-10-vlad-none").ap - queries("sift-vlad-none").ap
+    assert row.delta_map == pytest.approx(delta.mean(), abs=1e-12)
+    assert row.share_improved == pytest.approx((delta > 1e-12).mean())
+    assert row.delta_map_ci_low <= row.delta_map <= row.delta_map_ci_high
+
+
+def test_study_esvm_and_rerank_graph_rows(study_run):
+    bench = pd.read_parquet(study_run / "results" / "benchmark.parquet")
+    page = bench[(bench.dataset == "tiny") & (bench.exclude_same == "page")]
+    assert sorted(page.encoding.unique()) == ["esvm", "none"]
+    reranked = page[page.rerank != "none"]
+    assert sorted(reranked.rerank_graph.unique()) == ["all", "other_pages"] and len(reranked) == 4
+    (esvm,) = study_run.glob("results/tiny/esvm/sift-vlad-*/descriptors.parquet")
+    table = pd.read_parquet(esvm)
+    assert set(table.split) == {"test"} and len(table) == 18
+    assert np.allclose(np.linalg.norm(np.stack(table.descriptor.to_numpy()), axis=1), 1, atol=1e-5)
+    queries = pd.read_parquet(next(study_run.glob("results/tiny/experiments/sift-vlad-esvm-none-*/queries.parquet")))
+    assert list(queries.columns[:6]) == ["query_doc_id", "writer", "ap", "first_hit_rank", "n_relevant",
+                                         "gallery_size"]
+    assert len(queries) == 18 and queries.ap.between(0, 1).all()
+    html = (study_run / "results" / "report.html").read_text()
+    assert "rerank graph" in html
+
+
+# --------------------------------------------------------------------------------------------
 # Re-runs a cluster user can trust: execution knobs plan nothing, result settings their stage on
 # --------------------------------------------------------------------------------------------
 
-RUNS = {"tiny": "tiny_run", "tiny-vit": "vit_run", "tiny-ssl": "ssl_run"}
+RUNS = {"tiny": "tiny_run", "tiny-vit": "vit_run", "tiny-ssl": "ssl_run", "studies": "study_run"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.kind}: {c.change}" for c in CASES])

@@ -103,7 +103,7 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     Raises ConfigError listing every problem (key and what is allowed).
     """
     schema = schema or load_schema()
-    filled = copy.deepcopy(dict(config))
+    filled = expand_features(copy.deepcopy(dict(config)))
     validator = _DefaultFillingValidator(schema)
     errors = sorted(validator.iter_errors(filled), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
     # An if/then branch failing reports both the branch error and nothing useful at the top: keep leaves.
@@ -132,6 +132,9 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
                 if name not in filled["features"]:
                     messages.append(f"'experiments[{i}].features' names {name!r}, which is not a key of 'features'; "
                                     f"allowed: {', '.join(sorted(filled['features']))}")
+        messages += _experiment_axis_problems(filled)
+        for feat in filled["features"].values():  # the schema's default extractors had no block yet
+            feat.setdefault("aggregation", copy.deepcopy(filled["aggregation"]))
         pre = filled["preprocess"]
         sam = pre["sam"]
         if uses_sam(filled) and not sam["random_weights_for_testing"]:
@@ -148,6 +151,92 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     if messages:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(messages))
     return _key_sorted(filled)
+
+
+def _experiment_axis_problems(config: dict) -> list[str]:
+    """train_on must name a dataset; the other_pages rerank graph needs exclude_same page (fills its default)."""
+    messages = []
+    for i, exp in enumerate(config["experiments"]):
+        if "train_on" in exp and exp["train_on"] not in config["datasets"]:
+            messages.append(f"'experiments[{i}].train_on' = {exp['train_on']!r} is not a key of 'datasets'; "
+                            f"allowed: {', '.join(sorted(config['datasets']))}")
+        page = exp["exclude_same"] == "page"
+        exp.setdefault("rerank_graph", ["all", "other_pages"] if page else ["all"])
+        if "other_pages" in exp["rerank_graph"] and not page:
+            messages.append(f"'experiments[{i}].rerank_graph' other_pages leaves same-page documents out of the "
+                            f"rerank graph, which needs 'experiments[{i}].exclude_same' = 'page'")
+    return messages
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps and per-extractor aggregation (on the config as written, before the schema fills defaults)
+# --------------------------------------------------------------------------------------------
+
+def expand_features(config: dict) -> dict:
+    """Give every extractor its aggregation block (the top-level one, overridden by its own) and
+    replace each swept extractor by one variant per combination of values (named
+    <extractor>.<last key>-<value>), in the extractors and in the experiments that list it."""
+    features, top = config.get("features"), config.get("aggregation", {})
+    if not isinstance(features, dict) or not isinstance(top, dict):
+        return config  # malformed: the schema names the problem
+    expanded, variants_of = {}, {}
+    for name, entry in features.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("aggregation", {}), dict):
+            expanded[name] = entry
+            continue
+        entry = {**entry, "aggregation": {**copy.deepcopy(top), **entry.get("aggregation", {})}}
+        sweep = entry.pop("sweep", None)
+        variants = sweep_variants(name, entry, sweep) if sweep is not None else {name: entry}
+        variants_of[name] = list(variants)
+        for variant in variants:
+            if variant in expanded or (variant != name and variant in features):
+                raise ConfigError(f"invalid configuration:\n  - sweep of 'features.{name}' makes the extractor "
+                                  f"name {variant!r}, which already exists; rename one of them")
+        expanded.update(variants)
+    config["features"] = expanded
+    for exp in config.get("experiments") or []:
+        if isinstance(exp, dict) and isinstance(exp.get("features"), list):
+            exp["features"] = [v for f in exp["features"] for v in variants_of.get(f, [f])]
+    return config
+
+
+def sweep_variants(name: str, entry: dict, sweep) -> dict[str, dict]:
+    """One extractor entry per combination of the swept values (a setting path absent from the
+    entry is created; the schema then checks it like any written setting)."""
+    import itertools
+
+    if not isinstance(sweep, dict) or not sweep or not all(isinstance(v, list) and v for v in sweep.values()):
+        raise ConfigError(f"invalid configuration:\n  - 'features.{name}.sweep' must map setting paths "
+                          f"(for example embed.t_fg) to non-empty lists of values, got {sweep!r}")
+    for path in sweep:
+        if path.split(".")[0] in ("kind", "sweep", "sweep_of", "aggregations"):
+            raise ConfigError(f"invalid configuration:\n  - 'features.{name}.sweep' cannot sweep {path!r}; "
+                              f"sweep a setting of the extractor or of its aggregation")
+    variants = {}
+    for values in itertools.product(*sweep.values()):
+        variant = copy.deepcopy(entry)
+        for path, value in zip(sweep, values):
+            *parents, leaf = path.split(".")
+            block = variant
+            for key in parents:
+                block = block.setdefault(key, {})
+                if not isinstance(block, dict):
+                    raise ConfigError(f"invalid configuration:\n  - 'features.{name}.sweep': {path!r} goes "
+                                      f"through {key!r}, which is not a block of settings")
+            block[leaf] = value
+        suffix = "".join(f".{path.rsplit('.', 1)[-1]}-{_name_part(v)}" for path, v in zip(sweep, values))
+        variant["sweep_of"] = {"extractor": name,
+                               "setting": ", ".join(f"{p}={v if isinstance(v, str) else json.dumps(v)}"
+                                                   for p, v in zip(sweep, values))}
+        variants[name + suffix] = variant
+    return variants
+
+
+def _name_part(value) -> str:
+    import re
+
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "_"
 
 
 def _key_sorted(obj):

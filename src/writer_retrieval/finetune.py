@@ -41,7 +41,7 @@ from .normalise import power_l2
 from .pretrain.loop import (LOG_TABLE, NetTrainer, _param_groups, all_reduce_mean, dilate, erode, seeded_generator,
                             train)
 from .pretrain.saghog import PatchDataset, build_encoder, load_encoder, model_with_defaults
-from .retrieval import evaluate
+from .metrics import evaluate
 from .storage import write_parquet
 from .vlad import fit_codebook
 

@@ -12,6 +12,7 @@ job without being Snakemake params (a param change re-runs a job).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass, field
@@ -63,8 +64,13 @@ KINDS = {
 STAGE_DIRS = {"segment": "segment", "binarize": "binarize", "features": "features", "embed": "features",
               "embed_patches": "features", "patches": "patches", "cluster": "cluster", "pretrain": "pretrain",
               "finetune": "finetune", "codebook": "codebook", "vlad": "vlad", "descriptors": "descriptors",
-              "rerank": "rerank", "experiment": "experiments"}
+              "esvm": "esvm", "rerank": "rerank", "experiment": "experiments"}
 FEATURE_STAGES = ("features", "embed", "embed_patches")
+# The stages whose folders an input role can name (others: the stage of the role's own name).
+ROLE_STAGES = {"features": FEATURE_STAGES, "descriptors": ("descriptors", "esvm"), "whitening": ("descriptors",),
+               "negatives": ("descriptors",)}
+# Stages that learn from a train split: with an experiment's train_on, they come from that dataset.
+FIT_STAGES = ("pretrain", "cluster", "finetune", "codebook")
 
 
 def _frozen(obj):
@@ -93,14 +99,16 @@ class Variant:
     execution: Mapping = field(default_factory=dict)   # not hashed
     inputs: Mapping = field(default_factory=dict)      # role -> upstream folder (hashed)
     labels: Mapping = field(default_factory=dict)      # descriptive facts (extractor, kind, ...), not hashed
+    sources: Mapping = field(default_factory=dict)     # role -> dataset, for inputs of another dataset (hashed)
 
     def __post_init__(self):
-        for name in ("result", "execution", "inputs", "labels"):
+        for name in ("result", "execution", "inputs", "labels", "sources"):
             object.__setattr__(self, name, _frozen(plain(getattr(self, name))))
 
     @functools.cached_property  # input functions ask for folders at every job: hash once
     def hash(self) -> str:
-        return settings_hash(self.stage, plain(self.result), plain(self.inputs))
+        transfer = [plain(self.sources)] if self.sources else []  # same-dataset folders keep their hashes
+        return settings_hash(self.stage, plain(self.result), plain(self.inputs), *transfer)
 
     @property
     def folder(self) -> str:
@@ -112,8 +120,8 @@ class Variant:
     def record(self, **run) -> dict:
         """What settings.json holds: both kinds of settings, the inputs, and the facts of the run."""
         return {"stage": self.stage, "folder": self.folder, "result": plain(self.result),
-                "execution": plain(self.execution), "inputs": plain(self.inputs), "labels": plain(self.labels),
-                "run": run}
+                "execution": plain(self.execution), "inputs": plain(self.inputs), "sources": plain(self.sources),
+                "labels": plain(self.labels), "run": run}
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,6 +170,7 @@ class Plan:
         self.config = config
         self._execution = execution_paths(config, schema)
         self._variants: dict[tuple[str, str, str], Variant] = {}
+        self._by_hash: dict[tuple[str, str, str], Variant] = {}
         self._of_feature: dict[tuple[str, str, str], Variant] = {}
         self.experiments: list[Variant] = []
         for dataset in config["datasets"]:
@@ -169,8 +178,11 @@ class Plan:
                 self._add(variant)
             if uses_sam(config):
                 self._add(self._segment(dataset))
-            for features in config["features"]:
-                self._add_feature(dataset, features)
+        own, transfer = used_extractors(config)
+        for dataset, features in own:
+            self._add_feature(dataset, features)
+        for dataset, features, train_on in transfer:  # apply what another dataset's train split fit
+            self._add_feature(dataset, features, train_on)
         self._add_experiments()
 
     # Lookups ---------------------------------------------------------------------------------
@@ -184,11 +196,11 @@ class Plan:
     def variants(self, stage: str, dataset: str | None = None) -> list[Variant]:
         return [v for (s, d, _), v in self._variants.items() if s == stage and dataset in (None, d)]
 
-    def of_feature(self, stage: str, dataset: str, features: str, aggregation: str | None = None) -> Variant | None:
-        """The `stage` variant extractor `features` uses on `dataset` (None: its kind skips the stage);
-        descriptors are per aggregation."""
-        user = f"{features}:{aggregation}" if aggregation else features
-        return self._of_feature.get((stage, dataset, user))
+    def of_feature(self, stage: str, dataset: str, features: str, aggregation: str | None = None,
+                   train_on: str | None = None) -> Variant | None:
+        """The `stage` variant extractor `features` uses on `dataset` (None: its kind skips the stage),
+        fit on `train_on`'s train split (default: the dataset's own); descriptors are per aggregation."""
+        return self._of_feature.get((stage, dataset, _user(features, aggregation, dataset, train_on)))
 
     def folders(self, stage: str) -> str:
         """Regex alternatives of the stage's folders (wildcard constraint of the rules that write them)."""
@@ -205,9 +217,9 @@ class Plan:
 
     def input_of(self, variant: Variant, role: str) -> Variant:
         """The upstream variant a variant reads as `role` (features: whichever stage of its kind wrote them)."""
-        folder = variant.inputs[role]
-        stages = FEATURE_STAGES if role == "features" else (role,)
-        return next(self._variants[key] for s in stages if (key := (s, variant.dataset, folder)) in self._variants)
+        folder, dataset = variant.inputs[role], variant.sources.get(role, variant.dataset)
+        stages = ROLE_STAGES.get(role, (role,))
+        return next(self._variants[key] for s in stages if (key := (s, dataset, folder)) in self._variants)
 
     def job_variant(self, stage: str, wildcards) -> Variant:
         return self.variant(stage, wildcards["dataset"], wildcards["folder"])
@@ -236,7 +248,11 @@ class Plan:
     # Building --------------------------------------------------------------------------------
 
     def _add(self, variant: Variant, user: str | None = None) -> Variant:
-        """Add a variant once (extractors with equal settings share it); `user` names who uses it."""
+        """Add a variant once: a stage variant with the settings and inputs of one already planned is
+        that one, whatever its name (extractors and sweep variants share what they compute alike);
+        experiments are rows, one per name. `user` names who uses the variant."""
+        if variant.stage != "experiment":
+            variant = self._by_hash.setdefault((variant.stage, variant.dataset, variant.hash), variant)
         key = (variant.stage, variant.dataset, variant.folder)
         self._variants.setdefault(key, variant)
         if user is not None:
@@ -258,25 +274,33 @@ class Plan:
         return Variant("segment", dataset, "sam", result, execution,
                        inputs={"dataset": dataset_hash(self.config, dataset)})
 
-    def _add_feature(self, dataset: str, features: str) -> None:
+    def _add_feature(self, dataset: str, features: str, train_on: str | None = None) -> None:
+        """Plan an extractor on a dataset; with train_on, its learning stages are those of train_on."""
         kind = self.config["features"][features]["kind"]
         built = {"binarize": self.main_binarize(dataset)}
+        user = _user(features, None, dataset, train_on)
         for stage in KINDS[kind].stages:
-            variant = getattr(self, f"_{stage}")(dataset, features, built)
+            if train_on and stage in FIT_STAGES:
+                variant = self.of_feature(stage, train_on, features)
+            else:
+                variant = getattr(self, f"_{stage}")(dataset, features, built)
+                variant = variant and _with_sources(variant, built.values())
             if variant is not None:
-                built[stage] = self._add(variant, features)
+                built[stage] = self._add(variant, user)
         for aggregation in self.config["features"][features]["aggregations"]:
-            self._add(self._descriptors(dataset, features, aggregation, built), f"{features}:{aggregation}")
+            descriptors = self._descriptors(dataset, features, aggregation, built, train_on)
+            self._add(descriptors, _user(features, aggregation, dataset, train_on))
 
     def _feature_variant(self, stage, dataset, features, result, execution, inputs) -> Variant:
         kind = self.config["features"][features]["kind"]
-        return Variant(stage, dataset, features, result, execution, inputs,
-                       labels={"features": features, "kind": kind})
+        return Variant(stage, dataset, features, result, execution, inputs, labels={"features": features, "kind": kind})
 
     def _features(self, dataset, features, built) -> Variant:
         result, execution = self.split("features", features)
         # How pages are pooled later does not change the descriptors; the kind is the stage itself.
-        del result["aggregations"], result["kind"]
+        for key in ("aggregations", "kind", "aggregation", "sweep_of"):
+            result.pop(key, None)
+        execution.pop("aggregation", None)  # the encoding chunk is VLAD's
         return self._feature_variant("features", dataset, features, result, execution,
                                      {"binarize": built["binarize"].folder})
 
@@ -353,7 +377,7 @@ class Plan:
     def _codebook(self, dataset, features, built) -> Variant | None:
         if "vlad" not in self.config["features"][features]["aggregations"]:
             return None
-        result, _ = self.split("aggregation")
+        result, _ = self.split("features", features, "aggregation")
         keys = ("codebook_size", "codebook_sample", "kmeans_iterations", "seed")
         return self._feature_variant("codebook", dataset, features, {k: result[k] for k in keys}, {},
                                      {"features": feature_folder(built)})
@@ -361,38 +385,73 @@ class Plan:
     def _vlad(self, dataset, features, built) -> Variant | None:
         if "codebook" not in built:
             return None
-        result, execution = self.split("aggregation")
+        result, execution = self.split("features", features, "aggregation")
         return self._feature_variant("vlad", dataset, features, {k: result[k] for k in ("intra_norm", "power")},
                                      {"chunk_size": execution["chunk_size"]},
                                      {"codebook": built["codebook"].folder, "features": feature_folder(built)})
 
-    def _descriptors(self, dataset, features, aggregation, built) -> Variant:
-        result, _ = self.split("aggregation")
+    def _descriptors(self, dataset, features, aggregation, built, train_on=None) -> Variant:
+        settings, _ = self.split("features", features, "aggregation")
+        result = whitening_settings(settings)
         inputs = {"vlad": built["vlad"].folder} if aggregation == "vlad" else {"features": feature_folder(built)}
-        return Variant("descriptors", dataset, f"{features}-{aggregation}",
-                       {k: result[k] for k in ("pca_dims", "pca_fit_on", "seed")}, inputs=inputs,
-                       labels={"features": features, "aggregation": aggregation,
-                               "kind": self.config["features"][features]["kind"]})
+        upstream = list(built.values())
+        if train_on and result["pca"] != "none" and result["pca_fit_on"] == "train":
+            fitted = self.of_feature("descriptors", train_on, features, aggregation)
+            inputs["whitening"] = fitted.folder  # the PCA fit on train_on's train split
+            upstream.append(fitted)
+        name = f"{features}-{aggregation}" + (f".from-{train_on}" if train_on else "")
+        return _with_sources(Variant("descriptors", dataset, name, result, inputs=inputs,
+                                     labels=self._row_labels(features, aggregation)), upstream)
+
+    def _row_labels(self, features: str, aggregation: str) -> dict:
+        feat = self.config["features"][features]
+        settings = whitening_settings(feat["aggregation"])
+        return {"features": features, "aggregation": aggregation, "kind": feat["kind"],
+                "extractor": extractor_of(feat, features), "sweep": feat.get("sweep_of", {}).get("setting", ""),
+                "pca": settings["pca"], "pca_fit_on": settings.get("pca_fit_on", "")}
 
     def _add_experiments(self) -> None:
         for exp in self.config["experiments"]:
             for features in exp["features"]:
                 for aggregation in self.config["features"][features]["aggregations"]:
-                    for rerank in exp["rerank"]:
-                        self._add_experiment(exp, features, aggregation, rerank)
+                    for encoding in exp["encoding"]:
+                        for rerank in exp["rerank"]:
+                            for graph in (exp["rerank_graph"] if rerank != "none" else ["none"]):
+                                self._add_experiment(exp, features, aggregation, encoding, rerank, graph)
 
-    def _add_experiment(self, exp: dict, features: str, aggregation: str, rerank: str) -> None:
+    def _encoded(self, exp: dict, features: str, aggregation: str, encoding: str) -> Variant:
+        """The descriptors an experiment scores: as whitened, or their exemplar-SVM encoding."""
+        dataset, train_on = exp["dataset"], exp.get("train_on")
+        train_on = train_on if train_on != dataset else None
+        descriptors = self.of_feature("descriptors", dataset, features, aggregation, train_on)
+        if encoding == "none":
+            return descriptors
+        inputs, upstream = {"descriptors": descriptors.folder}, [descriptors]
+        if train_on:  # the negatives are train_on's train documents
+            negatives = self.of_feature("descriptors", train_on, features, aggregation)
+            inputs["negatives"] = negatives.folder
+            upstream.append(negatives)
+        return self._add(_with_sources(Variant("esvm", dataset, descriptors.name, self.config["esvm"], inputs=inputs,
+                                               labels=descriptors.labels), upstream))
+
+    def _add_experiment(self, exp: dict, features: str, aggregation: str, encoding: str, rerank: str,
+                        graph: str) -> None:
         dataset = exp["dataset"]
-        descriptors = self.of_feature("descriptors", dataset, features, aggregation)
-        labels = {"features": features, "aggregation": aggregation, "rerank": rerank,
-                  "kind": self.config["features"][features]["kind"]}
-        inputs = {"descriptors": descriptors.folder}
+        train_on = exp.get("train_on", dataset)
+        encoded = self._encoded(exp, features, aggregation, encoding)
+        labels = {**self._row_labels(features, aggregation), "encoding": encoding, "rerank": rerank,
+                  "rerank_graph": graph, "train_on": train_on}
+        parts = [features, aggregation, *([encoding] if encoding != "none" else []), rerank,
+                 *(["other_pages"] if graph == "other_pages" else [])]
+        name = "-".join(parts) + (f".from-{train_on}" if train_on != dataset else "")
+        inputs = {"descriptors": encoded.folder}
         if rerank != "none":
-            reranked = self._add(Variant("rerank", dataset, f"{features}-{aggregation}-{rerank}",
-                                         self.config["rerank"][rerank], inputs=inputs, labels=labels))
+            reranked = self._add(Variant("rerank", dataset, name, {**self.config["rerank"][rerank], "graph": graph},
+                                         inputs=inputs, labels=labels))
             inputs = {**inputs, "rerank": reranked.folder}
-        variant = Variant("experiment", dataset, f"{features}-{aggregation}-{rerank}",
-                          {"exclude_same": exp["exclude_same"], "top_k": self.config["retrieval"]["top_k"]},
+        variant = Variant("experiment", dataset, name,
+                          {"exclude_same": exp["exclude_same"], "top_k": self.config["retrieval"]["top_k"],
+                           "bootstrap": self.config["retrieval"]["bootstrap"]},
                           inputs=inputs, labels=labels)
         if (variant.stage, dataset, variant.folder) not in self._variants:
             self.experiments.append(self._add(variant))
@@ -417,3 +476,49 @@ def feature_folder(built: dict) -> str:
     return next(built[s].folder for s in FEATURE_STAGES if s in built)
 
 
+
+
+def used_extractors(config: dict) -> tuple[list, list]:
+    """(dataset, extractor) pairs the experiments fit and apply on one dataset, and (dataset, extractor,
+    train_on) triples of the transfer experiments (whose train_on pairs are then in the first list)."""
+    own, transfer = {}, {}
+    for exp in config["experiments"]:
+        train_on = exp.get("train_on", exp["dataset"])
+        for features in exp["features"]:
+            own[(train_on, features)] = None
+            if train_on != exp["dataset"]:
+                transfer[(exp["dataset"], features, train_on)] = None
+    return list(own), list(transfer)
+
+
+def used_datasets(config: dict) -> list[str]:
+    """The datasets the experiments retrieve on or train on."""
+    return sorted({d for exp in config["experiments"] for d in (exp["dataset"], exp.get("train_on", exp["dataset"]))})
+
+
+def extractor_of(feat: dict, features: str) -> str:
+    """The extractor a swept variant comes from (itself when not swept)."""
+    return feat.get("sweep_of", {}).get("extractor", features)
+
+
+def whitening_settings(aggregation: dict) -> dict:
+    """The result settings of the descriptors stage: only the keys its whitening method reads."""
+    method = aggregation["pca"]
+    if method == "none":
+        return {"pca": "none"}
+    extra = {"shrink": ["pca_shrinkage"], "power": ["pca_power"]}.get(method, [])
+    return {k: aggregation[k] for k in ["pca", "pca_dims", "pca_fit_on", "seed", *extra]}
+
+
+def _user(features: str, aggregation: str | None, dataset: str, train_on: str | None) -> str:
+    """Key of an extractor's (and aggregation's) variants on a dataset, fit on train_on."""
+    user = f"{features}:{aggregation}" if aggregation else features
+    return f"{user}@{train_on}" if train_on and train_on != dataset else user
+
+
+def _with_sources(variant: Variant, upstream) -> Variant:
+    """The variant with the datasets of its inputs that another dataset's stages wrote."""
+    by_folder = {v.folder: v.dataset for v in upstream}
+    sources = {role: by_folder[folder] for role, folder in variant.inputs.items()
+               if by_folder.get(folder, variant.dataset) != variant.dataset}
+    return dataclasses.replace(variant, sources=sources) if sources else variant

@@ -22,21 +22,69 @@ from .storage import atomic_path, write_parquet  # noqa: E402
 log = logging.getLogger("writer_retrieval")
 
 
-def collect_benchmark(metrics_paths, out_path) -> pd.DataFrame:
+ROW_LABELS = ["dataset", "train_on", "features", "aggregation", "encoding", "rerank", "rerank_graph"]
+# The rows compared with each other query by query: one test set, one training set, one protocol.
+SAME_TEST = ["dataset", "train_on", "exclude_same"]
+COMPARISON_COLUMNS = ["baseline", "n_paired", "delta_map", "delta_map_ci_low", "delta_map_ci_high",
+                      "share_improved", "share_worsened"]
+
+
+def collect_benchmark(metrics_paths, queries_paths, out_path, baseline: dict, bootstrap: dict) -> pd.DataFrame:
+    """All metrics rows, each with its paired comparison against the baseline row of its test set."""
     table = pd.concat([pd.read_parquet(p) for p in metrics_paths], ignore_index=True)
-    table = table.sort_values(["dataset", "features", "aggregation", "rerank"], kind="stable").reset_index(drop=True)
+    table = pd.concat([table, paired_comparisons(table, list(queries_paths), baseline, bootstrap)], axis=1)
+    table = table.sort_values(ROW_LABELS, kind="stable").reset_index(drop=True)
     write_parquet(table, out_path)
     log.info("benchmark:\n%s", table[["dataset", "features", "aggregation", "rerank", "n_queries", "map", "top1",
                                        "chance_map"]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return table
 
 
+def paired_comparisons(table: pd.DataFrame, queries_paths: list, baseline: dict, bootstrap: dict) -> pd.DataFrame:
+    """Per row (in table order, queries_paths alongside): mean AP difference to the baseline row of
+    its test set with a writer-bootstrap CI, and the shares of queries improved / worsened. Rows
+    without a baseline row in their test set get NaN (and an empty baseline name)."""
+    from .bootstrap import paired_comparison
+
+    spec = {"rerank": "none", "encoding": "none", **baseline}
+    name = "/".join(spec[k] for k in ("features", "aggregation", "encoding", "rerank"))
+    is_baseline = np.logical_and.reduce([table[k] == v for k, v in spec.items()])
+    rows = [dict.fromkeys(COMPARISON_COLUMNS, np.nan) | {"baseline": ""} for _ in range(len(table))]
+    for _, group in table.groupby(SAME_TEST, sort=False):
+        found = group.index[is_baseline[group.index]]
+        if len(found) == 0:
+            continue
+        reference = pd.read_parquet(queries_paths[found[0]])
+        for i in group.index:
+            result = paired_comparison(pd.read_parquet(queries_paths[i]), reference, bootstrap["replicates"],
+                                       bootstrap["seed"], bootstrap["level"])
+            rows[i] = {"baseline": name, **{k: result[k] for k in COMPARISON_COLUMNS if k != "baseline"}}
+    if not any(r["baseline"] for r in rows):
+        log.warning("no row is the baseline %s (report.baseline): no paired comparisons", name)
+    return pd.DataFrame(rows, index=table.index)[COMPARISON_COLUMNS]
+
+
+def rerank_graph_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Reranked rows of the exclude_same page test sets, the two rerank graphs side by side (mAP %)."""
+    rows = table[(table.exclude_same == "page") & (table.rerank != "none")]
+    if rows.empty:
+        return rows
+    keys = ["dataset", "train_on", "features", "aggregation", "encoding", "rerank"]
+    side = rows.pivot_table(index=keys, columns="rerank_graph", values="map", aggfunc="first") * 100
+    plain = table[(table.exclude_same == "page") & (table.rerank == "none")].set_index(keys[:-1])["map"] * 100
+    side.insert(0, "no rerank", [plain.get(k[:-1], np.nan) for k in side.index])
+    return side.reset_index()
+
+
 def bar_chart(table: pd.DataFrame, path) -> None:
     """mAP and Top-1 per experiment, with the chance mAP of its test set as a tick."""
-    labels = [f"{r.dataset}\n{r.features}/{r.aggregation}/{r.rerank}" for r in table.itertuples()]
+    labels = ["\n".join([r.dataset, "/".join(v for v in (r.features, r.aggregation, r.encoding, r.rerank)
+                                                if v != "none")]) for r in table.itertuples()]
     x = np.arange(len(table))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(table) + 2), 4.0), dpi=110)
-    ax.bar(x - 0.2, 100 * table["map"], width=0.4, label="mAP", color="#3b6ea8")
+    ax.bar(x - 0.2, 100 * table["map"], width=0.4, label="mAP", color="#3b6ea8",
+           yerr=100 * np.abs(table[["map_ci_low", "map_ci_high"]].to_numpy().T - table["map"].to_numpy()),
+           error_kw={"lw": 0.8, "capsize": 2})
     ax.bar(x + 0.2, 100 * table["top1"], width=0.4, label="Top-1", color="#e39b3a")
     ax.scatter(x - 0.2, 100 * table["chance_map"], marker="_", s=400, color="black", label="chance mAP", zorder=3)
     for xi, m, t in zip(x, table["map"], table["top1"]):
@@ -139,14 +187,25 @@ def write_report(benchmark_path, chart_path, experiments: list[dict], report_set
     # Provenance columns (per-stage seconds, device, hashes) stay in benchmark.parquet.
     hidden = ["settings_hash", "code_version", "kind", *[c for c in table.columns if c.startswith("seconds_")]]
     shown = table.drop(columns=hidden, errors="ignore").copy()
-    for col in ("map", "top1", "p_at_5", "p_at_10", "chance_map"):
+    for col in ("map", "top1"):
+        shown[col] = [f"{100 * v:.2f} [{100 * lo:.2f}, {100 * hi:.2f}]"
+                      for v, lo, hi in zip(shown[col], shown[f"{col}_ci_low"], shown[f"{col}_ci_high"])]
+    shown["delta_map"] = [f"{100 * v:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]" if b else ""
+                          for v, lo, hi, b in zip(shown.delta_map, shown.delta_map_ci_low, shown.delta_map_ci_high,
+                                                  shown.baseline)]
+    shown = shown.drop(columns=["map_ci_low", "map_ci_high", "top1_ci_low", "top1_ci_high", "delta_map_ci_low",
+                                "delta_map_ci_high"])
+    for col in ("p_at_5", "p_at_10", "chance_map", "share_improved", "share_worsened"):
         shown[col] = (100 * shown[col]).map(lambda v: f"{v:.2f}")
     chart = base64.b64encode(Path(chart_path).read_bytes()).decode()
     parts = [f"<html><head><meta charset='utf-8'><title>writer-retrieval report</title><style>{CSS}</style></head><body>",
              "<h1>writer-retrieval benchmark</h1>",
              "<p>Leave-one-out retrieval over each dataset's test split: every test document queries all other "
              "test documents; queries whose writer has no other document are not scored but stay as distractors. "
-             "mAP, Top-1, P@k and the expected mAP of a random ranking (chance) are in %.</p>",
+             "mAP, Top-1, P@k and the expected mAP of a random ranking (chance) are in %, mAP and Top-1 with "
+             "their 95 % confidence interval (bootstrap over writers). delta_map: mean difference of AP to the "
+             "baseline row of the same test set, query by query, with its paired bootstrap interval; "
+             "share_improved / share_worsened: the queries whose AP rose / fell.</p>",
              shown.to_html(index=False, escape=True, border=0),
              f"<p><img src='data:image/png;base64,{chart}'></p>"]
     if loss_chart:
