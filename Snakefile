@@ -19,6 +19,7 @@ os.environ.update(
 from writer_retrieval.config import (
     PRETRAIN_MODULES,
     ConfigError,
+    check_dataset_roots,
     code_version,
     pretrain_code_skip,
     settings_hash,
@@ -27,6 +28,9 @@ from writer_retrieval.config import (
 from writer_retrieval.plan import KINDS, Plan, plain, used_datasets
 
 min_version("9.0")
+
+
+report: "report/workflow.rst"
 
 
 # config.yaml is the embedded default; a --configfile on the command line replaces it entirely
@@ -39,12 +43,12 @@ if not workflow.overwrite_configfiles:
 # Validate before any job: an unknown or mistyped key stops here with the key and what is allowed.
 try:
     config.update(validate_config(config))
+    DATASETS = used_datasets(
+        config
+    )  # retrieved on, or trained on by another dataset's experiments
+    check_dataset_roots(config, DATASETS)
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
-
-DATASETS = used_datasets(
-    config
-)  # retrieved on, or trained on by another dataset's experiments
 RESULTS = "results"
 # Every stage variant of every experiment (folder names carry a hash of the result settings).
 PLAN = Plan(config)

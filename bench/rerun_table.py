@@ -1,4 +1,4 @@
-"""The re-run table of the README: what a dry run plans after one config change on a finished run.
+"""The re-run table of docs/reruns.md: what a dry run plans after one config change on a finished run.
 
     python bench/rerun_table.py [--workdir /tmp/rerun-table]
 
@@ -44,8 +44,8 @@ def main() -> None:
     for case in CASES:
         workdir = args.workdir / case.config
         workdir.mkdir(parents=True, exist_ok=True)
-        snakemake(workdir, REPO / "configs" / f"{case.config}.yaml")  # nothing to do once finished
-        cfg = yaml.safe_load((REPO / "configs" / f"{case.config}.yaml").read_text())
+        snakemake(workdir, REPO / "workflow_tests" / "configs" / f"{case.config}.yaml")  # nothing to do once finished
+        cfg = yaml.safe_load((REPO / "workflow_tests" / "configs" / f"{case.config}.yaml").read_text())
         case.edit(cfg)
         changed = workdir / "changed.yaml"
         changed.write_text(yaml.safe_dump(cfg))

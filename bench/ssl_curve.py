@@ -162,8 +162,8 @@ def snapshot_features(config: dict, feature: str, snapshots: list[dict], kept: P
     return found
 
 
-# The demo's fine-tuning (config.yaml, saghog-ft), applied to every SAGHOG snapshot.
-FINETUNE = yaml.safe_load((REPO / "config.yaml").read_text())["features"]["saghog-ft"]["finetune"]
+# The demo grid's fine-tuning (configs/benchmark-demo.yaml, saghog-ft), applied to every SAGHOG snapshot.
+FINETUNE = yaml.safe_load((REPO / "configs" / "benchmark-demo.yaml").read_text())["features"]["saghog-ft"]["finetune"]
 
 
 def scoring_config(config: dict, features: dict, dataset: str) -> dict:

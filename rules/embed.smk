@@ -21,7 +21,9 @@ rule embed_shard:
         folder=PLAN.folders("embed"),
     conda:
         "../envs/gpu.yaml"
-    threads: 2
+    # One core per shard: on a CPU the shards are the parallelism (two one-thread jobs beat one
+    # two-thread job on these small matrices); the SLURM profile sets more beside a GPU.
+    threads: 1
     resources:
         gpu=gpu_count("embed"),
     params:

@@ -25,6 +25,7 @@ rule finetune:
     conda:
         "../envs/gpu.yaml"
     threads: 8
+    priority: 2
     resources:
         gpu=gpu_count("finetune"),
     params:

@@ -19,6 +19,7 @@ rule patches_shard:
         folder=PLAN.folders("patches"),
     conda:
         "../envs/cpu.yaml"
+    priority: 1  # SAGHOG's chain (patches, then every patch of a test page embedded) is the longest
     params:
         code=CODE["patches"],
         settings=result_settings("patches"),

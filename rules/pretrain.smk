@@ -26,7 +26,9 @@ rule pretrain:
         folder=PLAN.folders("pretrain"),
     conda:
         "../envs/gpu.yaml"
-    threads: 8
+    threads: pretrain_threads
+    # The long pole (hours on a GPU, and what its extractor's embedding waits for): start it first.
+    priority: 2
     resources:
         gpu=gpu_count("pretrain"),
     params:

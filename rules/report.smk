@@ -1,4 +1,5 @@
-# Stage 7: results/benchmark.parquet (all metrics rows) and results/report.html.
+# Stage 7: results/benchmark.parquet (all metrics rows), results/report.html and its figures.
+import yaml
 
 
 rule report:
@@ -16,13 +17,41 @@ rule report:
         clusters=cluster_files("contact_sheet.png"),
         cluster_summaries=cluster_files("summary.json"),
     output:
-        benchmark=report(f"{RESULTS}/benchmark.parquet", category="Benchmark"),
+        benchmark=report(
+            f"{RESULTS}/benchmark.parquet",
+            category="Benchmark",
+            caption="../report/benchmark_table.rst",
+        ),
+        pivot=report(
+            f"{RESULTS}/report/pivot.html",
+            category="Benchmark",
+            caption="../report/pivot.rst",
+        ),
         chart=report(
             f"{RESULTS}/report/benchmark.png",
             category="Benchmark",
             caption="../report/benchmark.rst",
         ),
-        losses=report(f"{RESULTS}/report/pretraining.png", category="Pretraining"),
+        distribution=report(
+            f"{RESULTS}/report/ap_distribution.png",
+            category="Per-query results",
+            caption="../report/ap_distribution.rst",
+        ),
+        comparison=report(
+            f"{RESULTS}/report/comparison.png",
+            category="Per-query results",
+            caption="../report/comparison.rst",
+        ),
+        stage_times=report(
+            f"{RESULTS}/report/stage_times.png",
+            category="Provenance",
+            caption="../report/stage_times.rst",
+        ),
+        losses=report(
+            f"{RESULTS}/report/pretraining.png",
+            category="Pretraining",
+            caption="../report/pretraining.rst",
+        ),
         html=f"{RESULTS}/report.html",
     log:
         f"{RESULTS}/logs/report.log",
@@ -33,5 +62,8 @@ rule report:
         grid=[{"dataset": e.dataset, "folder": e.folder} for e in PLAN.experiments],
         settings=config["report"],
         bootstrap=config["retrieval"]["bootstrap"],
+        # The config shown in the report, without its execution settings (those never re-run a job),
+        # as YAML with sorted keys: the order of keys in a config file is no reason to re-run either.
+        run_settings=yaml.safe_dump(plain(PLAN.split()[0])),
     script:
         "../scripts/report.py"

@@ -22,7 +22,7 @@ rule retrieval:
         folder=PLAN.folders("experiment"),
     conda:
         "../envs/cpu.yaml"
-    threads: 2
+    threads: 1  # a grid has one job per experiment: they, not threads, fill the cores
     params:
         code=CODE["retrieval"],
         settings=result_settings("experiment"),

@@ -1,6 +1,9 @@
-import pytest
+from pathlib import Path
 
-from writer_retrieval.config import ConfigError, validate_config
+import pytest
+import yaml
+
+from writer_retrieval.config import ConfigError, check_dataset_roots, load_schema, validate_config
 from writer_retrieval.plan import Plan
 
 
@@ -36,7 +39,8 @@ def test_defaults_are_filled_from_the_schema():
     (base(shard_size=0), "'shard_size' = 0 must be >= 1"),
     (base(shard_size="big"), "'shard_size' = 'big' must be of type integer"),
     (base(datasets={"x": {"adapter": "icdar2017"}}, experiments=[{"dataset": "x"}]),
-     "'datasets.x' is missing the required key(s): root"),
+     "'datasets.x.root' is required: the folder where the x files are. Set it in the config file (root: /data/x) "
+     "or on the command line: --config 'datasets={x: {root: /data/x}}'"),
     (base(datasets={"x": {"adapter": "iam"}}, experiments=[{"dataset": "x"}]),
      "'datasets.x.adapter' = 'iam' is not allowed; allowed: synthetic, icdar2017, icdar2019, cvl, hisfrag20, folder, words"),
     (base(datasets={"x": {"adapter": "folder", "root": "/d"}}, experiments=[{"dataset": "x"}]),
@@ -64,3 +68,32 @@ def test_binarize_variant_names_hash_only_relevant_settings():
     assert [n for n in va if n.startswith("sauvola")] != [n for n in vb if n.startswith("sauvola")]
     c = validate_config(base(datasets={"demo": {"adapter": "synthetic", "seed": 5}}))
     assert {v.folder for v in Plan(c).variants("binarize", "demo")}.isdisjoint(va)  # another dataset, other folders
+
+
+PRESETS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")) + [Path(__file__).parents[1] / "config.yaml"]
+
+
+def test_user_presets_validate_once_their_roots_are_supplied_and_point_at_nothing_of_ours():
+    schema = load_schema()
+    for path in PRESETS:
+        text = path.read_text()
+        assert "shared/" not in text, f"{path.name} points at the project's own data"
+        raw = yaml.safe_load(text)
+        for dataset in raw["datasets"].values():
+            assert "root" not in dataset, f"{path.name}: a dataset root is the user's value"
+            if dataset["adapter"] != "synthetic":
+                dataset["root"] = "/data/root"
+        validate_config(raw, schema)
+
+
+def test_a_missing_dataset_folder_names_the_key_and_an_example(tmp_path):
+    cfg = validate_config(base(datasets={"demo": {"adapter": "synthetic"},
+                                         "x": {"adapter": "icdar2017", "root": str(tmp_path / "nope")}},
+                               experiments=[{"dataset": "x"}]))
+    with pytest.raises(ConfigError) as err:
+        check_dataset_roots(cfg, ["x"])
+    assert f"'datasets.x.root' = '{tmp_path / 'nope'}': no such folder" in str(err.value)
+    assert "--config 'datasets={x: {root: /data/x}}'" in str(err.value)
+    check_dataset_roots(cfg, ["demo"])  # generated: no root to check
+    (tmp_path / "nope").mkdir()
+    check_dataset_roots(cfg, ["x"])

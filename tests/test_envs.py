@@ -1,4 +1,5 @@
 """The conda environments (envs/) agree with pyproject.toml, and CPU stages never need torch."""
+import ast
 import re
 import subprocess
 import sys
@@ -96,6 +97,7 @@ def test_cpu_scripts_import_without_torch(script):
              "            raise ImportError(name + ' is not in the CPU environment')\n"
              "sys.meta_path.insert(0, NotInTheCpuEnv())\n")
     source = (REPO / "scripts" / script).read_text()
-    imports = "\n".join(line for line in source.splitlines() if line.startswith(("import ", "from ")))
+    imports = "\n".join(ast.get_source_segment(source, node) for node in ast.parse(source).body
+                        if isinstance(node, (ast.Import, ast.ImportFrom)))  # multi-line imports too
     proc = subprocess.run([sys.executable, "-c", block + imports], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def demo():
-    return yaml.safe_load((REPO / "config.yaml").read_text())
+    return yaml.safe_load((REPO / "configs" / "benchmark-demo.yaml").read_text())  # every extractor kind
 
 
 def folders(raw: dict) -> dict[tuple[str, str], str]:

@@ -333,3 +333,16 @@ def test_rerank_test_split_reads_pages_for_graph_other_pages(tmp_path):
     settings["graph"] = "pages"
     with pytest.raises(ValueError, match="unknown rerank graph"):
         rerank_test_split(tmp_path / "descriptors.parquet", settings, tmp_path / "out.npz", tmp_path / "index.parquet")
+
+
+def test_pair_dots_is_the_same_dense_or_gathered():
+    from writer_retrieval.lowrank import pair_dots
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(50, 300)).astype(np.float32), rng.normal(size=(40, 300)).astype(np.float32)
+    dense_rows, dense_cols = rng.integers(0, 50, 5000), rng.integers(0, 40, 5000)  # covers a b^T: blocks
+    few_rows, few_cols = dense_rows[:30], dense_cols[:30]  # a few pairs: gathered
+    reference = (a.astype(np.float64) @ b.T.astype(np.float64))
+    np.testing.assert_allclose(pair_dots(a, b, dense_rows, dense_cols, chunk=512),
+                               reference[dense_rows, dense_cols], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(pair_dots(a, b, few_rows, few_cols), reference[few_rows, few_cols], rtol=1e-4, atol=1e-4)

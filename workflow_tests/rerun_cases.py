@@ -1,6 +1,6 @@
 """What a dry run plans on a finished tiny run after one config change: execution knobs plan nothing,
 a result setting plans its stage and what follows. Used by test_workflow.py and by
-bench/rerun_table.py (the table in docs: README "Re-runs")."""
+bench/rerun_table.py (the table in docs/reruns.md)."""
 from dataclasses import dataclass
 from typing import Callable
 
@@ -10,8 +10,8 @@ TAIL = {"report": 1, "all": 1}
 
 @dataclass(frozen=True)
 class Case:
-    config: str                   # configs/<config>.yaml, finished before the change
-    change: str                   # what the README table says
+    config: str                   # workflow_tests/configs/<config>.yaml, finished before the change
+    change: str                   # what the docs/reruns.md table says
     edit: Callable[[dict], None]
     jobs: dict                    # the job count per rule the dry run must plan
 

@@ -46,9 +46,9 @@ pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=f"SLURM test s
 
 
 def config_with_a_gpu_rule(tmp_path: Path) -> Path:
-    """configs/tiny.yaml plus an untrained ViT (device auto): its embed_shard jobs request gpu=1,
+    """workflow_tests/configs/tiny.yaml plus an untrained ViT (device auto): its embed_shard jobs request gpu=1,
     so the GPU routing runs on the cluster's fake GPU (and on the CPU, as no GPU is there)."""
-    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "workflow_tests" / "configs" / "tiny.yaml").read_text())
     cfg["features"] = {
         "sift": {"kind": "sift"},
         "random-vit": {"kind": "vit", "pretrain": {"method": "none"}, "aggregations": ["sum"], "device": "auto",

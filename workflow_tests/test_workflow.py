@@ -19,6 +19,7 @@ from studies import STUDIES, study_config
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+CONFIGS = REPO / "workflow_tests" / "configs"  # test configs, not user presets
 
 
 def snakemake(workdir: Path, configfile: Path, *args: str) -> subprocess.CompletedProcess:
@@ -33,18 +34,13 @@ def snakemake(workdir: Path, configfile: Path, *args: str) -> subprocess.Complet
 
 def finished_run(tmp_path_factory, config: str) -> Path:
     workdir = tmp_path_factory.mktemp(config)
-    proc = snakemake(workdir, REPO / "configs" / f"{config}.yaml")
+    proc = snakemake(workdir, CONFIGS / f"{config}.yaml")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return workdir
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    return finished_run(tmp_path_factory, "tiny")
-
-
 def test_tiny_run_leaves_index_masks_and_quality(tiny_run):
-    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())["datasets"]["tiny"]
+    cfg = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())["datasets"]["tiny"]
     index = pd.read_parquet(tiny_run / "results/tiny/index.parquet")
     assert len(index) == cfg["writers"] * cfg["pages_per_writer"]
     assert index.writer.nunique() == cfg["writers"]
@@ -67,14 +63,14 @@ def test_tiny_run_leaves_index_masks_and_quality(tiny_run):
 
 
 def test_second_run_has_nothing_to_do(tiny_run):
-    proc = snakemake(tiny_run, REPO / "configs" / "tiny.yaml", "-n")
+    proc = snakemake(tiny_run, CONFIGS / "tiny.yaml", "-n")
     assert proc.returncode == 0
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
 def dry_run_jobs(workdir, tmp_path, change, config: str = "tiny") -> dict[str, int]:
-    """The jobs a dry run plans on a finished run of configs/<config>.yaml after `change`."""
-    cfg = yaml.safe_load((REPO / "configs" / f"{config}.yaml").read_text())
+    """The jobs a dry run plans on a finished run of workflow_tests/configs/<config>.yaml after `change`."""
+    cfg = yaml.safe_load((CONFIGS / f"{config}.yaml").read_text())
     change(cfg)
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(cfg))
@@ -127,7 +123,7 @@ def workflow_copy(tmp_path) -> Path:
 def copy_dry_run(copy: Path, workdir: Path) -> dict[str, int]:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     proc = subprocess.run([str(SNAKEMAKE), "-s", str(copy / "Snakefile"), "-d", str(workdir), "--configfile",
-                           str(REPO / "configs" / "tiny.yaml"), "--cores", "2", "-n"],
+                           str(CONFIGS / "tiny.yaml"), "--cores", "2", "-n"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return job_counts(proc.stdout + proc.stderr)
@@ -165,7 +161,7 @@ def test_editing_a_library_module_reruns_its_stage_and_what_follows(tiny_run, tm
 
 
 def test_a_second_run_from_scratch_gives_identical_metrics(tiny_run, tmp_path):
-    proc = snakemake(tmp_path, REPO / "configs" / "tiny.yaml")
+    proc = snakemake(tmp_path, CONFIGS / "tiny.yaml")
     assert proc.returncode == 0, proc.stderr[-3000:]
     columns = ["features", "aggregation", "rerank", "map", "top1", "p_at_5", "p_at_10", "n_queries",
                "median_first_hit_rank", "settings_hash", "code_version"]
@@ -225,13 +221,25 @@ def test_benchmark_outputs_and_schemas(tiny_run):
 
 
 def test_bad_config_key_stops_before_any_job(tmp_path):
-    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    cfg = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
     cfg["preprocess"]["windw"] = 41
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(cfg))
     proc = snakemake(tmp_path, bad)
     assert proc.returncode != 0
     assert "unknown key 'preprocess.windw' (did you mean 'window'?)" in proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_preset_without_its_dataset_root_stops_before_any_job_naming_the_key(tmp_path):
+    proc = snakemake(tmp_path, REPO / "configs" / "ahawp.yaml")
+    assert proc.returncode != 0
+    assert "'datasets.ahawp.root' is required" in proc.stderr
+    assert "--config 'datasets={ahawp: {root: /data/ahawp}}'" in proc.stderr
+    missing = str(tmp_path / "nowhere")
+    proc = snakemake(tmp_path, REPO / "configs" / "ahawp.yaml", "--config", f"datasets={{ahawp: {{root: {missing}}}}}")
+    assert proc.returncode != 0
+    assert f"'datasets.ahawp.root' = '{missing}': no such folder" in proc.stderr
     assert not (tmp_path / "results").exists()
 
 
@@ -288,7 +296,7 @@ def test_vit_features_pretrain_embed_and_aggregate(vit_run):
 
 
 def test_sam_without_checkpoint_stops_before_any_job(tmp_path):
-    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    cfg = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
     cfg["preprocess"] = {"method": "sam"}
     path = tmp_path / "sam.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -299,7 +307,7 @@ def test_sam_without_checkpoint_stops_before_any_job(tmp_path):
 
 
 def test_sam_preprocessing_with_random_weights_end_to_end(tmp_path):
-    proc = snakemake(tmp_path, REPO / "configs" / "tiny-sam.yaml")
+    proc = snakemake(tmp_path, CONFIGS / "tiny-sam.yaml")
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = tmp_path / "results" / "tiny"
     (segments,) = res.glob("segment/sam-*/segments.parquet")
@@ -542,7 +550,7 @@ def test_the_dataset_index_follows_its_files(tmp_path):
 
 
 def test_workflow_passes_snakemake_lint_and_snakefmt(tmp_path):
-    proc = snakemake(tmp_path, REPO / "configs" / "tiny.yaml", "--lint")
+    proc = snakemake(tmp_path, CONFIGS / "tiny.yaml", "--lint")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     snakefmt = Path(sys.executable).with_name("snakefmt")
     proc = subprocess.run([str(snakefmt), "--check", "--diff", "Snakefile", "rules"], cwd=REPO, capture_output=True,

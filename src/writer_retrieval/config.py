@@ -6,6 +6,7 @@ import copy
 import difflib
 import hashlib
 import json
+import os
 from importlib import resources
 from typing import Any
 
@@ -81,6 +82,8 @@ def _describe(error: jsonschema.ValidationError, schema: dict) -> str:
         return f"'{key}' must be {error.validator_value!r}"
     if kind == "required":
         missing = [k for k in error.validator_value if k not in error.instance]
+        if "root" in missing and key.startswith("datasets."):
+            return _missing_root(key.split(".", 1)[1])
         return f"'{key}' is missing the required key(s): {', '.join(missing)}"
     if kind == "type":
         return f"'{key}' = {error.instance!r} must be of type {error.validator_value}"
@@ -95,6 +98,24 @@ def _describe(error: jsonschema.ValidationError, schema: dict) -> str:
     if kind in ("minItems", "minProperties"):
         return f"'{key}' must not be empty"
     return f"'{key}': {error.message}"
+
+
+def _missing_root(dataset: str) -> str:
+    return (f"'datasets.{dataset}.root' is required: the folder where the {dataset} files are. Set it in the "
+            f"config file (root: /data/{dataset}) or on the command line: "
+            f"--config 'datasets={{{dataset}: {{root: /data/{dataset}}}}}'")
+
+
+def check_dataset_roots(config: dict, datasets) -> None:
+    """Stop before any job when a used dataset's root folder does not exist (validated config)."""
+    messages = []
+    for name in datasets:
+        root = config["datasets"][name].get("root")
+        if root is not None and not os.path.isdir(root):
+            messages.append(f"'datasets.{name}.root' = {root!r}: no such folder (relative paths start at the "
+                            f"workflow's working directory {os.getcwd()}). " + _missing_root(name).split(": ", 1)[1])
+    if messages:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(messages))
 
 
 def validate_config(config: dict, schema: dict | None = None) -> dict:

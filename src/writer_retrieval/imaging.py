@@ -1,6 +1,6 @@
 """Image input/output shared by every stage.
 
-Conventions (see README, "Conventions"):
+Conventions (see docs/development.md, "Conventions"):
 - Pages are loaded as 8-bit grayscale numpy arrays (0 = black, 255 = white).
 - Ink masks are boolean arrays with ink = True, stored as 1-bit PNG where ink = 1 (white).
 - Every file is written atomically: to a temporary name in the same folder, then renamed.

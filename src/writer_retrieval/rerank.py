@@ -217,7 +217,7 @@ def fit_background(x: np.ndarray, s_val: np.ndarray, gamma: float, samples: int 
     n = len(x)
     i = rng.integers(0, n, samples)
     j = rng.integers(0, n, samples)
-    s = np.einsum("ij,ij->i", x[i], x[j])
+    s = pair_dots(x, x, i, j)
     outside = (i != j) & (s < s_val[i, -1])  # weaker than the row's m-th strongest: not kept
     if groups is not None:
         outside &= groups[i] != groups[j]
