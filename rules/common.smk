@@ -102,13 +102,8 @@ def gpu_count(stage):
 
 
 def pretrain_threads(wc):
-    """Eight, but at most half the local cores, so that the per-shard jobs run beside a training run
-    (on 2 cores it would otherwise wait until no shard job is left); one for a checkpoint used as it
-    is (method none: only checked and copied)."""
-    if job_variant("pretrain", wc).result["method"] == "none":
-        return 1
-    cores = workflow.cores if isinstance(workflow.cores, int) else 16
-    return max(1, min(8, cores // 2))
+    """A checkpoint used as it is (method none) is only checked and copied: one core, not eight."""
+    return 1 if job_variant("pretrain", wc).result["method"] == "none" else 8
 
 
 def used_clusters(dataset):

@@ -20,12 +20,12 @@ rule embed_patches_shard:
         f"{RESULTS}/{{dataset}}/benchmarks/embed_patches/{{folder}}/{{shard}}.tsv"
     wildcard_constraints:
         folder=PLAN.folders("embed_patches"),
+    priority: 1
     conda:
         "../envs/gpu.yaml"
     # One core per shard: on a CPU the shards are the parallelism (two one-thread jobs beat one
     # two-thread job on these small matrices); the SLURM profile sets more beside a GPU.
     threads: 1
-    priority: 1
     resources:
         gpu=gpu_count("embed_patches"),
     params:

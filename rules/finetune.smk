@@ -22,10 +22,10 @@ rule finetune:
         f"{RESULTS}/{{dataset}}/benchmarks/finetune/{{folder}}.tsv"
     wildcard_constraints:
         folder=PLAN.folders("finetune"),
+    priority: 2
     conda:
         "../envs/gpu.yaml"
     threads: 8
-    priority: 2
     resources:
         gpu=gpu_count("finetune"),
     params:

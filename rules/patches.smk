@@ -17,9 +17,9 @@ rule patches_shard:
         f"{RESULTS}/{{dataset}}/benchmarks/patches/{{folder}}/{{shard}}.tsv"
     wildcard_constraints:
         folder=PLAN.folders("patches"),
+    priority: 1  # SAGHOG's chain (patches, then every patch of a test page embedded) is the longest
     conda:
         "../envs/cpu.yaml"
-    priority: 1  # SAGHOG's chain (patches, then every patch of a test page embedded) is the longest
     params:
         code=CODE["patches"],
         settings=result_settings("patches"),

@@ -24,11 +24,11 @@ rule pretrain:
         f"{RESULTS}/{{dataset}}/benchmarks/pretrain/{{folder}}.tsv"
     wildcard_constraints:
         folder=PLAN.folders("pretrain"),
+    # The long pole (hours on a GPU, and what its extractor's embedding waits for): start it first.
+    priority: 2
     conda:
         "../envs/gpu.yaml"
     threads: pretrain_threads
-    # The long pole (hours on a GPU, and what its extractor's embedding waits for): start it first.
-    priority: 2
     resources:
         gpu=gpu_count("pretrain"),
     params:
