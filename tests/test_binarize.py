@@ -6,7 +6,7 @@ from PIL import Image
 from writer_retrieval.binarize import binarize_page, binarize_shard, merge_shards, n_shards, pixel_quality
 from writer_retrieval.imaging import read_mask, write_mask
 
-from conftest import handwriting_like
+from pages import handwriting_like
 
 
 def test_pixel_quality_hand_computed():

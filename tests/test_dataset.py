@@ -10,7 +10,7 @@ from PIL import Image
 from writer_retrieval.config import validate_config
 from writer_retrieval.dataset import DatasetError, _ruled_rows, assign_splits, build_index, source_manifest
 
-from conftest import handwriting_like
+from pages import handwriting_like
 
 
 def settings_for(adapter, root, **extra):

@@ -4,7 +4,7 @@ from PIL import Image
 
 from writer_retrieval.imaging import BadImageError, load_gray, read_mask, write_mask
 
-from conftest import handwriting_like
+from pages import handwriting_like
 
 
 @pytest.fixture
