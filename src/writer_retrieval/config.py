@@ -100,10 +100,13 @@ def _describe(error: jsonschema.ValidationError, schema: dict) -> str:
     return f"'{key}': {error.message}"
 
 
-def _missing_root(dataset: str) -> str:
-    return (f"'datasets.{dataset}.root' is required: the folder where the {dataset} files are. Set it in the "
-            f"config file (root: /data/{dataset}) or on the command line: "
+def _root_example(dataset: str) -> str:
+    return (f"Set it in the config file (root: /data/{dataset}) or on the command line: "
             f"--config 'datasets={{{dataset}: {{root: /data/{dataset}}}}}'")
+
+
+def _missing_root(dataset: str) -> str:
+    return f"'datasets.{dataset}.root' is required: the folder where the {dataset} files are. " + _root_example(dataset)
 
 
 def check_dataset_roots(config: dict, datasets) -> None:
@@ -113,7 +116,7 @@ def check_dataset_roots(config: dict, datasets) -> None:
         root = config["datasets"][name].get("root")
         if root is not None and not os.path.isdir(root):
             messages.append(f"'datasets.{name}.root' = {root!r}: no such folder (relative paths start at the "
-                            f"workflow's working directory {os.getcwd()}). " + _missing_root(name).split(": ", 1)[1])
+                            f"workflow's working directory {os.getcwd()}). " + _root_example(name))
     if messages:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(messages))
 
